@@ -1,0 +1,79 @@
+"""The `alambic` command line: `alambic <command> CONFIG.yaml [key=value ...]`.
+
+Each feature area registers its own commands (`register(app)` in its `cli`
+module) so this file stays a table of contents. Errors caused by the user's
+input are printed as one clear message and exit with code 2.
+
+    alambic validate configs/tiny_kd.yaml
+    alambic distill configs/tiny_kd.yaml train.max_steps=50 --overwrite
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from alambic.errors import AlambicError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Distil a large model (the teacher) into a small, fast one (the student).",
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+# Feature areas that add commands. A module missing here is a bug, not an option.
+COMMAND_MODULES = (
+    "alambic.training.cli",  # distill, validate
+    "alambic.cache.cli",  # cache-logits
+    "alambic.generate.cli",  # generate, train-classifier
+    "alambic.evaluate.cli",  # eval, report, demo
+    "alambic.models.cli",  # init-student
+)
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # the area has not been written yet
+                continue
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console-script entry point: user errors become exit code 2 with a message."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except AlambicError as err:
+        err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+        if err.hint:
+            err_console.print(f"[yellow]fix:[/] {err.hint}", highlight=False)
+        sys.exit(err.exit_code)
+    except (typer.Exit, SystemExit) as done:
+        code = getattr(done, "exit_code", getattr(done, "code", 0))
+        sys.exit(code if code is not None else 0)
+    except Exception as err:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The run configuration: pydantic models validated before anything runs.
+
+A config is one YAML file; `key.sub=value` overrides from the command line are
+applied to the raw mapping before validation, so they are checked the same way.
+Unknown keys are errors that name the key and suggest the closest valid one.
+
+    alambic validate configs/tiny_kd.yaml loss.temperature=2
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alambic.errors import ConfigError
+from alambic.losses import OBJECTIVES
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Task = Literal["causal_lm", "sequence_classification"]
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Strict):
+    model: str | None = Field(None, description="hub id or local folder")
+    revision: str | None = None
+    dtype: DType = "float32"
+    trust_remote_code: bool = False
+    num_labels: int | None = Field(None, ge=2, description="classes, for sequence classification")
+
+
+class TeacherConfig(ModelConfig):
+    cache: str | None = Field(None, description="folder of an offline top-k logit cache; no model is loaded")
+    weight: float = Field(1.0, ge=0.0, description="weight of this teacher when several are combined")
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _model_or_cache(self) -> "TeacherConfig":
+        if self.model is None and self.cache is None:
+            raise ValueError("a teacher needs `model` (hub id or folder) or `cache` (a logit cache folder)")
+        return self
+
+
+class StudentInit(Strict):
+    """Build the student from the teacher instead of loading it."""
+
+    layers: list[int] | Literal["uniform", "every_k"] = "uniform"
+    num_layers: int | None = Field(None, ge=1)
+    every_k: int | None = Field(None, ge=1)
+
+
+class StudentConfig(ModelConfig):
+    from_teacher: StudentInit | None = None
+
+    @model_validator(mode="after")
+    def _model_or_init(self) -> "StudentConfig":
+        if self.model is None and self.from_teacher is None:
+            raise ValueError("the student needs `model` (hub id or folder) or `from_teacher`")
+        return self
+
+
+class DataConfig(Strict):
+    train: str
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out from train when eval is not given")
+    format: Literal["text", "prompt_completion", "messages", "classification"] = "text"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    label_column: str = "label"
+    max_length: int = Field(512, ge=8)
+    packing: bool = False
+    train_on_prompt: bool = Field(False, description="also compute the loss on prompt / non-assistant tokens")
+    limit: int | None = Field(None, ge=1, description="use only the first N records")
+
+
+class LossConfig(Strict):
+    objective: str = "forward_kl"
+    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label CE (Hinton's alpha)")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation")
+    skew_alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew KL mixing weight (DistiLLM)")
+    top_k: int | None = Field(None, ge=1, description="restrict the teacher distribution to its top-k tokens")
+    fused: bool = Field(True, description="chunked LM-head loss for causal LMs (never materialises N x V logits)")
+    chunk_size: int = Field(1024, ge=1)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            close = difflib.get_close_matches(value, OBJECTIVES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
+        return value
+
+
+class TrainConfig(Strict):
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = Field(False, description="force CPU (also for `accelerate launch` with several CPU processes)")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at the end")
+    eval_batches: int | None = Field(None, ge=1)
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    keep_last: int = Field(2, ge=1)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    progress: bool = True
+
+
+class DistillConfig(Strict):
+    """A whole run: which teacher signal, which student, which data, which loss."""
+
+    task: Task = "causal_lm"
+    teacher: TeacherConfig | None = None
+    student: StudentConfig
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistillConfig":
+        if self.task == "sequence_classification" and self.data.format != "classification":
+            raise ValueError("task 'sequence_classification' needs data.format: classification")
+        if self.data.format == "classification" and self.task != "sequence_classification":
+            raise ValueError("data.format 'classification' needs task: sequence_classification")
+        if self.student.from_teacher is not None and (self.teacher is None or self.teacher.model is None):
+            raise ValueError("student.from_teacher needs teacher.model")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=1` -> (['a', 'b'], 1); values are parsed as YAML scalars/lists."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value",
+                "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
+            )
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names of the section that `loc` points into."""
+    current: Any = model_cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            for c in candidates:
+                nested += [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        current = nested[0]
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(error: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(model_cls, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            suggestion = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"  - unknown key {dotted!r}{suggestion} (valid here: {', '.join(valid)})")
+        elif item["type"] == "missing":
+            lines.append(f"  - {dotted}: required key is missing")
+        else:
+            given = item.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"  - {dotted}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist", "check the path, e.g. configs/tiny_kd.yaml")
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror}", "check the file's permissions")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {err}", "fix the YAML syntax at the position shown")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def validate_mapping(raw: dict, model_cls: type[BaseModel], source: str) -> BaseModel:
+    try:
+        return model_cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model_cls, source), "edit the config or the key=value override") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, model_cls: type[BaseModel] = DistillConfig):
+    """Read YAML, apply dotted overrides, validate into `model_cls`."""
+    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate_mapping(raw, model_cls, str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

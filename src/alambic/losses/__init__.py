@@ -1,0 +1,23 @@
+"""Loss functions: logit divergences, hard-label CE, and their masked reductions."""
+
+from alambic.losses.divergences import (
+    OBJECTIVES,
+    distillation_loss,
+    divergence_from_logprobs,
+    masked_mean,
+    per_token_distillation_loss,
+    restrict_to_teacher_top_k,
+    token_cross_entropy,
+    token_divergence,
+)
+
+__all__ = [
+    "OBJECTIVES",
+    "distillation_loss",
+    "divergence_from_logprobs",
+    "masked_mean",
+    "per_token_distillation_loss",
+    "restrict_to_teacher_top_k",
+    "token_cross_entropy",
+    "token_divergence",
+]
