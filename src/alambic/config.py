@@ -81,6 +81,7 @@ class DataConfig(Strict):
     packing: bool = False
     train_on_prompt: bool = Field(False, description="also compute the loss on prompt / non-assistant tokens")
     limit: int | None = Field(None, ge=1, description="use only the first N records")
+    weight_column: str | None = Field(None, description="per-record loss weight (e.g. multi-task mixing)")
 
 
 class LossConfig(Strict):

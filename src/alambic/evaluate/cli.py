@@ -1,0 +1,115 @@
+"""`alambic eval`, `alambic report` and `alambic demo`."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+
+def evaluate_plan(plan, speed: bool, limit: Optional[int]) -> dict:
+    """Read the plan's data and evaluate its models; the result is the metrics.json schema."""
+    from alambic.data import read_records
+    from alambic.errors import DataError
+    from alambic.evaluate.suite import evaluate_causal_lms, evaluate_classifiers
+
+    records = read_records(plan.data, limit)
+    if not records:
+        raise DataError(f"the evaluation set {plan.data!r} is empty", "give a file with at least one record")
+    missing = [c for c in (plan.text_column,) + ((plan.label_column,) if plan.task != "causal_lm" else ())
+               if c not in records[0]]
+    if missing:
+        raise DataError(f"{plan.data}: records have no column {missing[0]!r} (columns: {', '.join(records[0])})",
+                        "rename the column or evaluate through a config that sets data.text_column/label_column")
+    if plan.task == "causal_lm":
+        report = evaluate_causal_lms(plan.specs, [str(r[plan.text_column]) for r in records], plan.max_length, speed)
+    else:
+        rows = [{"text": r[plan.text_column], "label": r[plan.label_column]} for r in records]
+        report = evaluate_classifiers(plan.specs, rows, plan.max_length, plan.extra.get("class_names"), speed)
+    report.update({k: v for k, v in plan.extra.items() if k not in report})
+    report["eval_data"] = str(plan.data)
+    return report
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(name="eval")
+    def eval_command(
+        target: str = typer.Argument(..., help="distill config, run folder, demo run folder, or model folder"),
+        student: Optional[List[str]] = typer.Option(None, "--student", help="another student model folder (repeat)"),
+        data: Optional[str] = typer.Option(None, "--data", help="evaluation file (jsonl/csv/parquet)"),
+        task: Optional[str] = typer.Option(None, "--task", help="causal_lm or sequence_classification"),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per example / LM window"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N records only"),
+        speed: bool = typer.Option(True, "--speed/--no-speed", help="measure latency, throughput and memory"),
+        output_dir: Optional[str] = typer.Option(None, "--out", help="folder for metrics.json and report.html"),
+    ) -> None:
+        """Teacher and students side by side: quality, agreement, speed, memory, size, retention."""
+        from alambic.errors import ConfigError
+        from alambic.evaluate.report import write_report
+        from alambic.evaluate.targets import apply_options, resolve_target
+        from alambic.training.checkpoint import atomic_write_text
+
+        if task not in (None, "causal_lm", "sequence_classification"):
+            raise ConfigError(f"unknown task {task!r}", "use --task causal_lm or --task sequence_classification")
+        plan = apply_options(resolve_target(target), list(student or []), data, task, max_length, output_dir)
+        report = evaluate_plan(plan, speed, limit)
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plan.output_dir / "metrics.json", json.dumps(report, indent=2))
+        path = write_report([plan.output_dir])
+        _print_models(report)
+        typer.echo(f"metrics: {plan.output_dir / 'metrics.json'}\nreport: {path}")
+
+    @app.command()
+    def report(
+        run_folders: List[str] = typer.Argument(..., help="run folders holding a metrics.json"),
+        output: Optional[str] = typer.Option(None, "--out", help="HTML file (default: FIRST_RUN/report.html)"),
+    ) -> None:
+        """Render the HTML report from saved metrics (nothing is recomputed)."""
+        from alambic.evaluate.report import write_report
+
+        typer.echo(f"report: {write_report(run_folders, output)}")
+
+    @app.command()
+    def demo(
+        overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the demo settings"),
+        quick: bool = typer.Option(False, "--quick", help="a subset and few steps (under 2 minutes)"),
+        task: str = typer.Option("classification", "--task", help="classification (BBC News) or lm (stdlib code)"),
+        config: Optional[str] = typer.Option(None, "--config", help="YAML file of demo settings"),
+    ) -> None:
+        """Fine-tune a real teacher, distil it into a small student, compare with a baseline, write a report."""
+        from alambic.errors import ConfigError
+
+        if task == "classification":
+            from alambic.evaluate.demo import demo_config, run_demo
+
+            run_demo(demo_config(config, list(overrides or []), quick))
+        elif task == "lm":
+            from alambic.evaluate.lm_demo import lm_demo_config, run_lm_demo
+
+            run_lm_demo(lm_demo_config(config, list(overrides or []), quick))
+        else:
+            raise ConfigError(f"unknown demo task {task!r}", "use --task classification or --task lm")
+
+
+def _print_models(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from alambic.evaluate.report import METRIC_LABELS, format_value
+
+    names = list(report["models"])
+    table = Table(title=f"alambic eval ({report['task']})")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    keys = [k for k in METRIC_LABELS if any(k in report["models"][n]["metrics"] for n in names)]
+    for key in keys:
+        cells = []
+        for name in names:
+            entry = report["models"][name]
+            cell = format_value(key, entry["metrics"].get(key))
+            kept = entry.get("retention", {}).get(key)
+            cells.append(cell + (f" ({kept:.0%})" if kept is not None else ""))
+        table.add_row(METRIC_LABELS[key][0], *cells)
+    Console().print(table)

@@ -1,0 +1,154 @@
+"""Cost of a model: parameters, size on disk, peak inference memory, latency, throughput, generation speed.
+
+Timings are medians over repeats after a warm-up, so one hiccup of a shared
+machine does not decide the figure. Peak memory on CPU is the peak of live
+tensor bytes (weights + activations) during one forward, tracked exactly by a
+dispatch mode; on CUDA it is the allocator's own peak.
+
+    python -c "from alambic.evaluate.speed import count_parameters; import torch; print(count_parameters(torch.nn.Linear(4, 2)))"
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters counted once even when tied (the embedding and LM head share one matrix)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def disk_size_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files of a saved model (config and tokenizer files are not the model's size)."""
+    folder = Path(folder)
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts bytes of tensor storages created inside the mode, freed when their last tensor dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._holders: dict[int, int] = {}  # storage pointer -> live tensors on it
+
+    def _release(self, pointer: int, nbytes: int) -> None:
+        self._holders[pointer] -= 1
+        if self._holders[pointer] == 0:
+            del self._holders[pointer]
+            self.live_bytes -= nbytes
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        pointer, nbytes = storage.data_ptr(), storage.nbytes()
+        if pointer == 0:
+            return
+        if pointer not in self._holders:
+            self._holders[pointer] = 0
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._holders[pointer] += 1
+        weakref.finalize(tensor, self._release, pointer, nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        for output in outputs:
+            if isinstance(output, torch.Tensor) and not output.is_meta:
+                self._track(output)
+        return result
+
+
+def peak_inference_memory_bytes(model: torch.nn.Module, run_forward: Callable[[], object]) -> int:
+    """Weights plus the peak of activation memory while `run_forward()` runs."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            run_forward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before + weights_bytes(model)
+    tracker = _LiveTensorBytes()
+    with torch.inference_mode(), tracker:
+        output = run_forward()
+        del output
+    return weights_bytes(model) + tracker.peak_bytes
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def classifier_speed(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 32,
+    latency_examples: int = 16,
+    throughput_batches: int = 3,
+) -> dict[str, float]:
+    """Latency per example at batch 1 (ms), throughput at `batch_size` (examples/s), peak memory (MB)."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def encode(chunk: list[str]):
+        return tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+
+    singles = [encode([text]) for text in texts[:latency_examples]]
+    latencies = [median_seconds(lambda enc=enc: model(**enc), repeats=1, warmup=0) for enc in singles[1:]]
+    with torch.inference_mode():
+        model(**singles[0])  # warm-up
+    batch = encode((texts * (batch_size // max(len(texts), 1) + 1))[:batch_size])
+    per_batch = median_seconds(lambda: model(**batch), repeats=throughput_batches)
+    peak = peak_inference_memory_bytes(model, lambda: model(**batch))
+    return {
+        "latency_ms": 1000.0 * statistics.median(latencies) if latencies else float("nan"),
+        "throughput_per_s": batch_size / per_batch,
+        "peak_memory_mb": peak / 2**20,
+    }
+
+
+def generation_speed(
+    model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int, new_tokens: int = 32, repeats: int = 2
+) -> dict[str, float]:
+    """Time to first token (ms) and decoding speed (generated tokens/s over the batch) with greedy decoding."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunk = (prompts * (batch_size // max(len(prompts), 1) + 1))[:batch_size]
+    tokenizer.padding_side = "left"  # a decoder continues from the last real token
+    encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = dict(do_sample=False, pad_token_id=pad_id, eos_token_id=None)
+
+    def generate(count: int):
+        return model.generate(**encoded, max_new_tokens=count, min_new_tokens=count, **options)
+
+    first_token = median_seconds(lambda: generate(1), repeats=repeats)
+    full = median_seconds(lambda: generate(new_tokens), repeats=repeats)
+    return {"ttft_ms": 1000.0 * first_token, "tokens_per_s": batch_size * new_tokens / full}

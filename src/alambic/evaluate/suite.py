@@ -1,0 +1,154 @@
+"""Evaluate a teacher and any number of students side by side, with retention for each student.
+
+The result is the `metrics.json` schema that `alambic report` renders:
+{"task", "models": {name: {"role", "path", "metrics", "retention"}}, "confusion", "class_names", ...}.
+
+    alambic eval runs/demo-bbc             # a demo run folder
+    alambic eval teacher_dir --student student_dir --data test.jsonl --task sequence_classification
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alambic.config import ModelConfig
+from alambic.errors import DataError
+from alambic.evaluate import metrics as m
+from alambic.evaluate.predict import causal_lm_scores, classifier_logits, lm_windows
+from alambic.evaluate.speed import (
+    classifier_speed,
+    count_parameters,
+    disk_size_bytes,
+    generation_speed,
+    peak_inference_memory_bytes,
+)
+from alambic.models import load_model, load_tokenizer
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    role: str = "student"  # or "teacher"
+
+
+def _load(spec: ModelSpec, task: str):
+    config = ModelConfig(model=str(spec.path))
+    model = load_model(config, task, role=spec.role).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, load_tokenizer(config, role=spec.role)
+
+
+def _size_metrics(model, path: str) -> dict:
+    folder = Path(path)
+    return {
+        "num_parameters": count_parameters(model),
+        "disk_mb": disk_size_bytes(folder) / 2**20 if folder.is_dir() else None,
+    }
+
+
+def _add_retention(report: dict, teacher_name: str) -> None:
+    teacher_metrics = report["models"][teacher_name]["metrics"]
+    for name, entry in report["models"].items():
+        if name == teacher_name:
+            continue
+        entry["retention"] = {
+            key: m.retention(value, teacher_metrics.get(key), key)
+            for key, value in entry["metrics"].items()
+            if key not in m.NOT_COMPARED
+            and isinstance(value, (int, float)) and isinstance(teacher_metrics.get(key), (int, float))
+        }
+
+
+def _ordered(specs: list[ModelSpec]) -> list[ModelSpec]:
+    teachers = [s for s in specs if s.role == "teacher"]
+    if len(teachers) != 1:
+        raise ValueError(f"exactly one teacher is needed, got {len(teachers)}")
+    return teachers + [s for s in specs if s.role != "teacher"]
+
+
+def evaluate_classifiers(
+    specs: list[ModelSpec], rows: list[dict], max_length: int, class_names: list[str] | None = None,
+    measure_speed: bool = True, show_progress: bool = True,
+) -> dict:
+    """Accuracy, macro-F1, agreement with the teacher, ECE, speed and size for each model on `rows`."""
+    if not rows:
+        raise DataError("the evaluation set is empty", "give a file with at least one {text, label} record")
+    texts = [str(r["text"]) for r in rows]
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    report: dict = {"task": "sequence_classification", "num_examples": len(rows), "max_length": max_length,
+                    "models": {}, "confusion": {}}
+    teacher_predictions = None
+    for spec in _ordered(specs):
+        model, tokenizer = _load(spec, "sequence_classification")
+        logits = classifier_logits(model, tokenizer, texts, max_length, description=f"eval {spec.name}",
+                                   show_progress=show_progress)
+        predictions = logits.argmax(-1)
+        if teacher_predictions is None:
+            teacher_predictions = predictions
+        values = {
+            "accuracy": m.accuracy(predictions, labels),
+            "macro_f1": m.macro_f1(predictions, labels),
+            "agreement": m.agreement(predictions, teacher_predictions),
+            "ece": m.expected_calibration_error(logits.softmax(-1), labels),
+            **_size_metrics(model, spec.path),
+        }
+        if measure_speed:
+            values.update(classifier_speed(model, tokenizer, texts, max_length))
+        num_classes = logits.shape[-1]
+        report["confusion"][spec.name] = m.confusion_matrix(predictions, labels, num_classes)
+        report["models"][spec.name] = {"role": spec.role, "path": str(spec.path), "metrics": values}
+        del model
+    report["class_names"] = class_names or [str(i) for i in range(num_classes)]
+    _add_retention(report, _ordered(specs)[0].name)
+    return report
+
+
+def _lm_speed(model, tokenizer, texts: list[str], windows, new_tokens: int) -> dict:
+    prompts = [t[:200] for t in texts[:8]]
+    values = {}
+    for batch_size in (1, 8):
+        speed = generation_speed(model, tokenizer, prompts, batch_size, new_tokens=new_tokens)
+        values[f"tokens_per_s_batch{batch_size}"] = speed["tokens_per_s"]
+        values[f"ttft_ms_batch{batch_size}"] = speed["ttft_ms"]
+    device = next(model.parameters()).device
+    batch = torch.tensor([w for w in windows.inputs if len(w) == len(windows.inputs[0])][:8], device=device)
+    values["peak_memory_mb"] = peak_inference_memory_bytes(model, lambda: model(input_ids=batch)) / 2**20
+    return values
+
+
+def evaluate_causal_lms(
+    specs: list[ModelSpec], texts: list[str], max_length: int, measure_speed: bool = True,
+    new_tokens: int = 32, show_progress: bool = True,
+) -> dict:
+    """Held-out perplexity, bits per byte, KL to the teacher and top-1 agreement, speed and size."""
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError("the held-out text is empty", "give a file with at least one non-empty text record")
+    ordered = _ordered(specs)
+    teacher, teacher_tokenizer = _load(ordered[0], "causal_lm")
+    report: dict = {"task": "causal_lm", "num_documents": len(texts), "max_length": max_length, "models": {}}
+    for spec in ordered:
+        model, tokenizer = (teacher, teacher_tokenizer) if spec is ordered[0] else _load(spec, "causal_lm")
+        windows = lm_windows(tokenizer, texts, max_length)
+        same_vocab = tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+        scores = causal_lm_scores(model, windows, teacher if same_vocab and model is not teacher else None,
+                                  description=f"eval {spec.name}", show_progress=show_progress)
+        values = {
+            "perplexity": m.perplexity(scores["nll"], scores["tokens"]),
+            "bits_per_byte": m.bits_per_byte(scores["nll"], scores["bytes"]),
+            "eval_tokens": scores["tokens"],
+            **_size_metrics(model, spec.path),
+        }
+        if model is not teacher and same_vocab:
+            values["kl_to_teacher"] = scores["kl"] / scores["tokens"]
+            values["top1_agreement"] = scores["top1"] / scores["tokens"]
+        if measure_speed:
+            values.update(_lm_speed(model, tokenizer, texts, windows, new_tokens))
+        report["models"][spec.name] = {"role": spec.role, "path": str(spec.path), "metrics": values}
+    _add_retention(report, ordered[0].name)
+    return report

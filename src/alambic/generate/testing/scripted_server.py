@@ -1,0 +1,143 @@
+"""A loopback OpenAI-compatible chat server that answers by rule after a fixed delay.
+
+It is the "server-bound" reference of the throughput benchmark (its answer time
+is known exactly) and a deterministic teacher for recipe tests. It is not a
+model: `responder(messages, body)` decides the answer text.
+
+    python -m alambic.generate.testing.scripted_server --delay 0.1 --port 8011
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+from alambic.generate.testing.http11 import json_response, read_request
+
+Responder = Callable[[list, dict], str]
+
+
+def echo_responder(messages: list, body: dict) -> str:
+    return f"echo: {messages[-1]['content']}"
+
+
+class ScriptedChatServer:
+    """Serve /v1/chat/completions on 127.0.0.1; `log` holds (time, user message, seed) per answer sent."""
+
+    def __init__(self, responder: Responder = echo_responder, delay_s: float = 0.0, port: int = 0,
+                 api_key: str | None = None):
+        self.responder = responder
+        self.delay_s = delay_s
+        self.port = port
+        self.api_key = api_key
+        self.log: list[tuple[float, str, int | None]] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await read_request(reader)
+                if request is None:
+                    break
+                writer.write(await self._answer(request))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, request) -> bytes:
+        if request.method == "GET" and request.path.endswith("/models"):
+            return json_response(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+        if request.method != "POST" or not request.path.endswith("/chat/completions"):
+            return json_response(404, {"error": {"message": f"no route {request.path}"}})
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return json_response(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+        body = request.json()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        text = self.responder(body["messages"], body)
+        self.log.append((time.monotonic(), body["messages"][-1]["content"], body.get("seed")))
+        return json_response(200, _completion(body, text))
+
+    # ----------------------------------------------------------- running in a thread (tests)
+
+    def start_in_thread(self) -> "ScriptedChatServer":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="scripted-chat-server")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("scripted server did not start within 10 s")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def shutdown() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def _completion(body: dict, text: str) -> dict:
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+    completion_tokens = len(text.split())
+    logprobs = None
+    if body.get("logprobs"):
+        top = int(body.get("top_logprobs") or 0)
+        logprobs = {"content": [
+            {"token": word, "logprob": -0.1 * (i + 1), "bytes": None,
+             "top_logprobs": [{"token": word if j == 0 else f"{word}~{j}", "logprob": -0.1 * (i + 1) - j, "bytes": None}
+                              for j in range(top)]}
+            for i, word in enumerate(text.split())
+        ]}
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": logprobs}
+    return {
+        "id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model", "scripted"), "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delay", type=float, default=0.1, help="seconds before each answer")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        server = ScriptedChatServer(delay_s=args.delay, port=args.port)
+        await server.start()
+        print(f"listening {server.port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The tiny LM setup shared by tests, benchmarks and docs: real text, tiny models.
+
+Everything is built in code from the Python standard library's source (present
+on every machine), so nothing is downloaded:
+
+    python -m alambic.testing /tmp/tiny   # corpus, tokenizer, a trained 2-layer teacher
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alambic.data.stdlib_corpus import build_tokenizer, stdlib_module_texts
+
+
+def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, **overrides):
+    """A Llama-style causal LM with random, seeded weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def chunk_text(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size) if text[i : i + size].strip()]
+
+
+def write_stdlib_corpus(
+    folder: Path, n_train: int = 12, n_heldout: int = 3, chars_per_record: int = 600, vocab_size: int = 384, seed: int = 0
+) -> dict:
+    """train.jsonl / eval.jsonl of stdlib source chunks (whole modules held out) and a tokenizer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_texts, heldout_texts = stdlib_module_texts(n_train, n_heldout, seed)
+    for name, texts in (("train", train_texts), ("eval", heldout_texts)):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            for text in texts:
+                for chunk in chunk_text(text, chars_per_record):
+                    handle.write(json.dumps({"text": chunk}) + "\n")
+    tokenizer = build_tokenizer(train_texts, vocab_size)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return {"train": folder / "train.jsonl", "eval": folder / "eval.jsonl", "tokenizer": folder / "tokenizer"}
+
+
+def save_model_with_tokenizer(model, tokenizer_folder: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(out)
+    return out
+
+
+def build_tiny_setup(folder: Path, teacher_steps: int = 150, seed: int = 0, progress: bool = False) -> dict:
+    """Corpus + tokenizer + a teacher trained briefly (supervised, through the same loop)."""
+    from alambic.config import DistillConfig
+    from alambic.training.loop import run_distillation
+
+    folder = Path(folder)
+    paths = write_stdlib_corpus(folder / "data", seed=seed)
+    vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(paths["tokenizer"]))
+    init = save_model_with_tokenizer(tiny_llama(vocab, hidden=64, layers=2, seed=seed), paths["tokenizer"], folder / "teacher_init")
+    config = DistillConfig.model_validate(
+        {
+            "student": {"model": str(init)},
+            "data": {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 128},
+            "loss": {"alpha": 1.0},
+            "train": {
+                "output_dir": str(folder / "teacher_run"), "max_steps": teacher_steps, "batch_size": 16,
+                "lr": 3e-3, "warmup_steps": 10, "seed": seed, "progress": progress, "cpu": True,
+            },
+        }
+    )
+    result = run_distillation(config, overwrite=True)
+    student_init = save_model_with_tokenizer(
+        tiny_llama(vocab, hidden=32, layers=1, heads=2, seed=seed + 1), paths["tokenizer"], folder / "student_init"
+    )
+    return {**paths, "teacher": result.output_dir / "final", "student_init": student_init, "teacher_metrics": result.final_metrics}
+
+
+if __name__ == "__main__":
+    print(build_tiny_setup(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"), progress=True))

@@ -1,0 +1,35 @@
+"""`alambic distill` and `alambic validate`."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from alambic.config import DistillConfig, dump_config, load_config
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def distill(
+        config: str = typer.Argument(..., help="YAML config"),
+        overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides, e.g. train.lr=3e-4"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in train.output_dir"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="delete train.output_dir and start again"),
+    ) -> None:
+        """Distil a teacher into a student (or train with no teacher) with one config."""
+        from alambic.training.loop import run_distillation
+
+        resolved = load_config(config, overrides or [], DistillConfig)
+        result = run_distillation(resolved, overwrite=overwrite, resume=resume, print_config=True)
+        typer.echo(f"student saved to {result.output_dir / 'final'}")
+
+    @app.command()
+    def validate(
+        config: str = typer.Argument(..., help="YAML config"),
+        overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides"),
+    ) -> None:
+        """Check a config (keys, types, ranges) without running anything."""
+        resolved = load_config(config, overrides or [], DistillConfig)
+        typer.echo(dump_config(resolved))
+        typer.echo(f"{config}: valid")

@@ -1,0 +1,68 @@
+"""Export the trained student: save_pretrained (safetensors), tokenizer, model card.
+
+Auxiliary modules (projections, early-exit heads) are not part of the export:
+only the Hugging Face model inside the StudentModule is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from alambic.config import DistillConfig
+from alambic.training.checkpoint import fsync_dir
+
+
+def model_card(config: DistillConfig, teacher_name: str | None, metrics: dict, parameters: int) -> str:
+    loss = config.loss
+    objective = (
+        "supervised cross-entropy (no teacher)" if teacher_name is None
+        else f"{loss.objective} at temperature {loss.temperature}, alpha (CE weight) {loss.alpha}"
+        + (f", beta {loss.beta}" if loss.objective == "jsd" else "")
+        + (f", skew alpha {loss.skew_alpha}" if loss.objective.startswith("skew") else "")
+        + (f", teacher top-{loss.top_k}" if loss.top_k else "")
+    )
+    rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    train = config.train
+    return f"""---
+library_name: transformers
+tags: [alambic, distillation]
+---
+# Student distilled with alambic
+
+- Teacher: `{teacher_name or 'none'}`
+- Task: {config.task}; parameters: {parameters:,}
+- Data: `{config.data.train}` (format {config.data.format}, max length {config.data.max_length}, packing {config.data.packing})
+- Objective: {objective}
+- Training: {train.max_steps} steps, batch {train.batch_size} x accumulation {train.grad_accum} per device, lr {train.lr}, {train.scheduler} schedule, warmup {train.warmup_steps}, seed {train.seed}, mixed precision {train.mixed_precision}
+
+## Final held-out metrics
+
+| metric | value |
+|---|---|
+{rows or '| (no eval set) | |'}
+
+The full resolved configuration is in `config.yaml` next to this folder.
+"""
+
+
+def export_student(student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name) -> Path:
+    """Write run_dir/final atomically (temp folder, then rename)."""
+    final = Path(run_dir) / "final"
+    temporary = Path(run_dir) / f".tmp-final-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    model = student_module.model
+    model.save_pretrained(temporary, safe_serialization=True)
+    tokenizer.save_pretrained(temporary)
+    parameters = sum(p.numel() for p in model.parameters())
+    (temporary / "README.md").write_text(model_card(config, teacher_name, metrics, parameters))
+    (temporary / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    fsync_dir(temporary)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    fsync_dir(Path(run_dir))
+    return final

@@ -1,0 +1,209 @@
+"""THE training loop: one recipe for every distillation mode, read top to bottom.
+
+What a run does is chosen by its config: which teacher signal (none for plain
+supervised training, a live model, an offline logit cache), which loss terms,
+and which data. The loop itself never changes.
+
+    alambic distill configs/tiny_kd.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m alambic.cli distill configs/tiny_kd.yaml train.cpu=true
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from alambic.config import DistillConfig, dump_config
+from alambic.data import build_datasets, collate
+from alambic.training.batches import BatchPlan
+from alambic.training.checkpoint import load_checkpoint, save_checkpoint
+from alambic.training.evaluation import evaluate
+from alambic.training.export import export_student
+from alambic.training.objective import loss_sums
+from alambic.training.optim import build_optimizer, build_scheduler
+from alambic.training.progress import TrainingProgress
+from alambic.training.run_dir import prepare_run_dir
+from alambic.training.setup import build_models
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_metrics: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def make_accelerator(config: DistillConfig, run_dir: Path) -> Accelerator:
+    trackers = list(config.train.trackers) or None
+    return Accelerator(
+        cpu=config.train.cpu,
+        mixed_precision=config.train.mixed_precision,
+        log_with=trackers,
+        project_dir=str(run_dir),
+    )
+
+
+def run_distillation(
+    config: DistillConfig, overwrite: bool = False, resume: bool = False, print_config: bool = False
+) -> RunResult:
+    run_dir = Path(config.train.output_dir)
+    accelerator = make_accelerator(config, run_dir)
+    is_main = accelerator.is_main_process
+    if print_config and is_main:
+        print(dump_config(config))
+    run_dir, checkpoint = prepare_run_dir(config, overwrite, resume, is_main) if is_main else (run_dir, None)
+    accelerator.wait_for_everyone()
+    if not is_main:  # every rank resumes from the checkpoint the main rank chose
+        _, checkpoint = prepare_run_dir(config, False, True, False)
+    set_seed(config.train.seed)
+
+    # Models and data: the student is what trains; the teacher source is what it learns from.
+    setup = build_models(config, accelerator.device)
+    student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
+    train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
+    teacher = setup.bind_teacher(train_data)
+
+    optimizer = build_optimizer(student, config.train)
+    scheduler = build_scheduler(optimizer, config.train)
+    # The scheduler is stepped by hand once per optimiser step: accelerate would step it once per process.
+    student, optimizer = accelerator.prepare(student, optimizer)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
+        if is_main:
+            print(f"resuming from {checkpoint} (step {start_step})")
+    _truncate_history(run_dir / "metrics.jsonl", start_step, is_main)
+    if config.train.trackers:
+        accelerator.init_trackers("alambic", config=_flat(config.model_dump(mode="json")))
+
+    plan = BatchPlan(len(train_data), config.train.batch_size, accelerator.num_processes, config.train.grad_accum, config.train.seed)
+    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main)
+    pad_id = tokenizer.pad_token_id
+    last_eval: dict = {}
+    student.train()
+    for step in range(start_step + 1, config.train.max_steps + 1):
+        started = time.perf_counter()
+        micro_batches = plan.step_indices(step - 1)
+        step_loss_tokens = sum(train_data.loss_tokens(i) for micro in micro_batches for i in micro)
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        input_tokens = 0
+        for micro, global_indices in enumerate(micro_batches):
+            indices = plan.rank_slice(global_indices, accelerator.process_index)
+            batch = collate([train_data[i] for i in indices], pad_id, indices)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            input_tokens += int(batch["attention_mask"].sum())
+            last_micro = micro == len(micro_batches) - 1
+            with accelerator.no_sync(student) if not last_micro else _nullcontext():
+                sums = loss_sums(student, batch, teacher, config.loss, config.task)
+                # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
+                scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
+                accelerator.backward(scaled)
+            for name in totals:
+                totals[name] += float(sums[name].detach())
+        grad_norm = None
+        if config.train.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), config.train.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
+        if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
+            last_eval = evaluate(
+                accelerator.unwrap_model(student), teacher if setup.teacher_evaluable else None, eval_data,
+                config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
+            )
+            record.update(last_eval)
+        if is_main and (step % config.train.log_every == 0 or "eval_ce" in record):
+            _append_jsonl(run_dir / "metrics.jsonl", record)
+        if config.train.trackers:
+            accelerator.log(record, step=step)
+        progress.update(step, record)
+        if config.train.save_every and step % config.train.save_every == 0:
+            accelerator.wait_for_everyone()
+            if is_main:
+                save_checkpoint(
+                    run_dir, step, accelerator.unwrap_model(student), optimizer, scheduler,
+                    {"loss": record["loss"]}, config.train.keep_last,
+                )
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    history = _read_history(run_dir / "metrics.jsonl")
+    if is_main:
+        export_student(accelerator.unwrap_model(student), tokenizer, config, run_dir, last_eval, setup.teacher_name)
+    accelerator.wait_for_everyone()
+    if config.train.trackers:
+        accelerator.end_training()
+    return RunResult(output_dir=run_dir, final_metrics=last_eval, history=history)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _step_record(accelerator, step, totals, loss_tokens, input_tokens, started, scheduler, grad_norm) -> dict:
+    """Step metrics averaged over all ranks' loss tokens."""
+    values = torch.tensor([totals["loss"], totals["kd"], totals["ce"], float(input_tokens)], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum")
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    denominator = max(loss_tokens, 1)
+    record = {
+        "step": step,
+        "loss": float(values[0]) / denominator,
+        "kd": float(values[1]) / denominator,
+        "ce": float(values[2]) / denominator,
+        "lr": scheduler.get_last_lr()[0],
+        "tokens_per_s": float(values[3]) / elapsed,
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    return record
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_history(path: Path, step: int, is_main: bool) -> None:
+    """After a resume, drop records logged after the checkpoint: those steps run again."""
+    if not is_main or not path.exists():
+        return
+    kept = [r for r in _read_history(path) if r.get("step", 0) <= step]
+    from alambic.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,149 @@
+"""The loss of one micro-batch, as sums over the positions that carry a loss.
+
+The loop divides these sums by the number of loss positions in the whole
+optimiser step (all micro-batches, all ranks), so gradient accumulation and DDP
+give exactly the gradient of one big batch.
+
+Causal LMs take the fused LM-head path by default (hidden states in, no N x V
+logits); the plain path (full logits + the functions in `alambic.losses`) is
+kept as the reference and for signals the fused path cannot take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alambic.config import LossConfig
+from alambic.data import IGNORE
+from alambic.losses import per_token_distillation_loss
+from alambic.teachers.base import SignalRequest, TeacherSignal
+
+
+def loss_options(loss_cfg: LossConfig) -> dict:
+    return {
+        "objective": loss_cfg.objective,
+        "temperature": loss_cfg.temperature,
+        "alpha": loss_cfg.alpha,
+        "beta": loss_cfg.beta,
+        "skew_alpha": loss_cfg.skew_alpha,
+        "top_k": loss_cfg.top_k,
+    }
+
+
+def _fused_available() -> bool:
+    try:
+        from alambic.losses import fused  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> bool:
+    return (
+        loss_cfg.fused
+        and task == "causal_lm"
+        and "weight" not in batch
+        and student.supports_fused_head()
+        and _fused_available()
+    )
+
+
+def _sums(per_token: dict, mask: torch.Tensor, weight: torch.Tensor | None) -> dict:
+    scale = mask.float() if weight is None else mask.float() * weight
+    return {name: (values * scale).sum() for name, values in per_token.items()}
+
+
+def _sparse_per_token(student_logits, signal: TeacherSignal, labels, loss_cfg: LossConfig) -> dict:
+    from alambic.losses.sparse import sparse_per_token_distillation_loss
+
+    return sparse_per_token_distillation_loss(
+        student_logits, signal.topk_ids, signal.topk_logprobs, signal.tail_logmass, labels,
+        **{k: v for k, v in loss_options(loss_cfg).items() if k != "top_k"},
+    )
+
+
+def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fused: bool) -> dict:
+    """Sums of {loss, kd, ce} over next-token positions with a label."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    request = SignalRequest(hidden_for_fused_head=fused)
+    signal = teacher(batch, request) if teacher is not None else None
+    outputs = student(
+        batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), hidden_only=fused
+    )
+    if fused:
+        return _fused_sums(student, outputs["hidden"], signal, labels, mask, loss_cfg)
+    student_logits = outputs["logits"][:, :-1]
+    weight = batch["weight"][:, None].expand_as(mask) if "weight" in batch else None
+    if signal is not None and signal.topk_ids is not None:
+        per_token = _sparse_per_token(student_logits, _shift_sparse(signal), labels, loss_cfg)
+    else:
+        teacher_logits = signal.full_logits()[:, :-1] if signal is not None else None
+        per_token = per_token_distillation_loss(student_logits, teacher_logits, labels, **loss_options(loss_cfg))
+    return _sums(per_token, mask, weight)
+
+
+def _shift_sparse(signal: TeacherSignal) -> TeacherSignal:
+    return TeacherSignal(
+        topk_ids=signal.topk_ids[:, :-1], topk_logprobs=signal.topk_logprobs[:, :-1],
+        tail_logmass=signal.tail_logmass[:, :-1], temperature=signal.temperature,
+    )
+
+
+def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig) -> dict:
+    from alambic.losses.fused import fused_distillation_loss
+
+    student_hidden = hidden[:, :-1][mask]
+    flat_labels = labels[mask]
+    weight, bias = student_module(student).head_parameters()
+    options = loss_options(loss_cfg)
+    common = {"chunk_size": loss_cfg.chunk_size, "reduction": "sum"}
+    if signal is not None and signal.topk_ids is not None:
+        from alambic.losses.sparse import fused_sparse_distillation_loss
+
+        shifted = _shift_sparse(signal)
+        options.pop("top_k")
+        return fused_sparse_distillation_loss(
+            student_hidden, weight, bias, flat_labels, None,
+            topk_ids=shifted.topk_ids[mask], topk_logprobs=shifted.topk_logprobs[mask],
+            tail_logmass=shifted.tail_logmass[mask], **options, **common,
+        )
+    teacher_kwargs = {}
+    if signal is not None and signal.hidden is not None:
+        teacher_kwargs = {
+            "teacher_hidden": signal.hidden[:, :-1][mask],
+            "teacher_head_weight": signal.head_weight,
+            "teacher_head_bias": signal.head_bias,
+        }
+    elif signal is not None:
+        teacher_kwargs = {"teacher_logits": signal.full_logits()[:, :-1][mask]}
+    return fused_distillation_loss(
+        student_hidden, weight, bias, flat_labels, None, **teacher_kwargs, **options, **common
+    )
+
+
+def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig) -> dict:
+    """Sums over examples: class logits are distilled like token logits."""
+    signal = teacher(batch, SignalRequest()) if teacher is not None else None
+    outputs = student(batch["input_ids"], batch["attention_mask"])
+    teacher_logits = signal.full_logits() if signal is not None else None
+    per_example = per_token_distillation_loss(
+        outputs["logits"], teacher_logits, batch["labels"], **loss_options(loss_cfg)
+    )
+    mask = torch.ones_like(batch["labels"], dtype=torch.bool)
+    return _sums(per_example, mask, batch.get("weight"))
+
+
+def loss_sums(student, batch, teacher, loss_cfg: LossConfig, task: str) -> dict:
+    if task == "sequence_classification":
+        return classification_loss_sums(student, batch, teacher, loss_cfg)
+    fused = use_fused_path(loss_cfg, student_module(student), task, batch)
+    return causal_lm_loss_sums(student, batch, teacher, loss_cfg, fused)
+
+
+def student_module(student):
+    """The StudentModule behind a DDP / compiled wrapper."""
+    inner = student
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return inner

@@ -1,0 +1,65 @@
+"""The run folder: what it holds, and whether a new run may use it.
+
+A folder that holds a different run is never overwritten silently: the user
+says --resume (continue it with this config) or --overwrite (start again).
+The same config with checkpoints present resumes automatically.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from alambic.config import DistillConfig, dump_config
+from alambic.errors import ConfigError
+from alambic.training.checkpoint import atomic_write_text, list_checkpoints
+
+# Keys that do not change what a run computes, so changing them is not "a different run".
+COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers")}
+
+
+def _comparable(config_dict: dict) -> dict:
+    copy = yaml.safe_load(yaml.safe_dump(config_dict))
+    for section, key in COSMETIC_KEYS:
+        copy.get(section, {}).pop(key, None)
+    return copy
+
+
+def prepare_run_dir(config: DistillConfig, overwrite: bool, resume: bool, is_main: bool) -> tuple[Path, Path | None]:
+    """Create or reuse the run folder; return (folder, checkpoint to resume from or None)."""
+    run_dir = Path(config.train.output_dir)
+    saved_config = run_dir / "config.yaml"
+    existing = run_dir.exists() and any(run_dir.iterdir())
+    if existing and overwrite:
+        if is_main:
+            shutil.rmtree(run_dir)
+        existing = False
+    checkpoint = None
+    if existing:
+        if not saved_config.exists():
+            raise ConfigError(
+                f"output folder {str(run_dir)!r} is not empty and holds no alambic run",
+                "choose another train.output_dir, or pass --overwrite to delete its contents",
+            )
+        previous = yaml.safe_load(saved_config.read_text()) or {}
+        same = _comparable(previous) == _comparable(config.model_dump(mode="json"))
+        if not same and not resume:
+            raise ConfigError(
+                f"output folder {str(run_dir)!r} already holds a different run (its config.yaml differs)",
+                "pass --resume to continue that run with this config, --overwrite to start again, "
+                "or choose another train.output_dir",
+            )
+        checkpoints = list_checkpoints(run_dir)
+        if checkpoints:
+            checkpoint = checkpoints[-1]
+        elif (run_dir / "final").exists() and not resume:
+            raise ConfigError(
+                f"output folder {str(run_dir)!r} already holds a finished run with no checkpoint to resume",
+                "pass --overwrite to train again, or choose another train.output_dir",
+            )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_config, dump_config(config))
+    return run_dir, checkpoint

@@ -1,0 +1,80 @@
+"""Build what a run needs from its config: student, teacher signal source, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alambic.config import DistillConfig
+from alambic.errors import ModelError
+from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
+from alambic.teachers.live import LiveTeacher
+from alambic.training.module import StudentModule
+
+
+@dataclass
+class RunModels:
+    student: StudentModule
+    teacher: object | None
+    tokenizer: object
+    teacher_name: str | None
+    teacher_evaluable: bool  # a dense signal on any text (a cache only covers its own rows)
+    config: DistillConfig
+
+    def bind_teacher(self, train_data):
+        """Sources tied to a dataset (an offline cache) check it is the same data."""
+        bind = getattr(self.teacher, "bind", None)
+        if bind is not None:
+            bind(train_data, self.config)
+        return self.teacher
+
+
+def _student_model(config: DistillConfig, teacher_model):
+    if config.student.from_teacher is not None:
+        from alambic.models.student import layer_indices_for, select_layers
+
+        init = config.student.from_teacher
+        total = teacher_model.config.num_hidden_layers
+        strategy = init.layers if isinstance(init.layers, list) else init.layers
+        keep = init.num_layers or max(1, total // 2)
+        indices = layer_indices_for(total, keep, strategy) if not isinstance(strategy, list) else strategy
+        return select_layers(teacher_model, indices)
+    return load_model(config.student, config.task, role="student")
+
+
+def build_models(config: DistillConfig, device) -> RunModels:
+    teacher_cfg = config.teacher
+    teacher_model = teacher_tokenizer = None
+    if teacher_cfg is not None and teacher_cfg.model is not None:
+        teacher_tokenizer = load_tokenizer(teacher_cfg, role="teacher")
+        teacher_model = freeze(load_model(teacher_cfg, config.task, role="teacher")).to(device)
+    student_model = _student_model(config, teacher_model)
+    for parameter in student_model.parameters():
+        parameter.requires_grad_(True)
+    student_model.train()
+    tokenizer = teacher_tokenizer if config.student.model is None else load_tokenizer(config.student, role="student")
+    vocab_size = None
+    if config.task == "causal_lm":
+        vocab_size = len(tokenizer)
+        if teacher_tokenizer is not None:
+            vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_model, student_model)
+    elif teacher_model is not None:
+        _check_same_classes(teacher_model, student_model)
+    teacher, evaluable, name = None, False, None
+    if teacher_model is not None:
+        teacher, evaluable, name = LiveTeacher(teacher_model, vocab_size), True, teacher_cfg.model
+    elif teacher_cfg is not None and teacher_cfg.cache is not None:
+        from alambic.teachers.cached import CachedTeacher
+
+        teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
+    student = StudentModule(student_model, vocab_size).to(device)
+    return RunModels(student, teacher, tokenizer, name, evaluable, config)
+
+
+def _check_same_classes(teacher_model, student_model) -> None:
+    teacher_classes = teacher_model.config.num_labels
+    student_classes = student_model.config.num_labels
+    if teacher_classes != student_classes:
+        raise ModelError(
+            f"the teacher classifies into {teacher_classes} classes and the student into {student_classes}",
+            "set student.num_labels to the teacher's number of classes",
+        )

@@ -1,0 +1,38 @@
+"""Helpers for tests that run the CLI or build configs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None, timeout=600, cwd=None):
+    """Run `alambic ...` in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "alambic.cli", *map(str, args)],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO,
+    )
+
+
+def write_config(path, mapping) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    return path
+
+
+def kd_config(setup, output_dir, **train):
+    """A distillation config on the tiny setup (teacher -> 1-layer student)."""
+    return {
+        "teacher": {"model": str(setup["teacher"])},
+        "student": {"model": str(setup["student_init"])},
+        "data": {"train": str(setup["train"]), "eval": str(setup["eval"]), "max_length": 96},
+        "loss": {"objective": "forward_kl", "temperature": 1.0, "alpha": 0.0},
+        "train": {"output_dir": str(output_dir), "max_steps": 10, "batch_size": 8, "lr": 3e-3,
+                  "progress": False, "cpu": True, "eval_batches": 4, **train},
+    }
