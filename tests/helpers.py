@@ -36,3 +36,20 @@ def kd_config(setup, output_dir, **train):
         "train": {"output_dir": str(output_dir), "max_steps": 10, "batch_size": 8, "lr": 3e-3,
                   "progress": False, "cpu": True, "eval_batches": 4, **train},
     }
+
+
+def invoke(capsys, *args):
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    from alambic.cli import main
+
+    old_argv = sys.argv
+    sys.argv = ["alambic", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        sys.argv = old_argv
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())

@@ -105,16 +105,39 @@ def _int_to_bits(values: np.ndarray, width: int) -> np.ndarray:
     return bits.astype(np.uint8).reshape(*values.shape[:-1], values.shape[-1] * width)
 
 
-def _bits_to_int(bits: np.ndarray, count: int, width: int) -> np.ndarray:
-    """Inverse of `_int_to_bits` for [N, count * width] bits -> [N, count] int64."""
+def _read_fields(records: np.ndarray, first_bit: int, count: int, width: int) -> np.ndarray:
+    """`count` consecutive `width`-bit big-endian fields starting at bit `first_bit` -> [N, count] uint.
+
+    Each field is read from the few whole bytes that cover it and shifted into
+    place, which is several times faster than unpacking every bit.
+    """
     if width == 0:
-        return np.zeros((bits.shape[0], count), dtype=np.int64)
-    grouped = bits.reshape(bits.shape[0], count, width)
-    if width <= 8:
-        # packbits left-aligns the group in one byte; shift the padding away.
-        return (np.packbits(grouped, axis=-1, bitorder="big")[..., 0] >> (8 - width)).astype(np.int64)
-    weights = (1 << np.arange(width - 1, -1, -1, dtype=np.int64)).astype(np.int64)
-    return grouped.astype(np.int64) @ weights
+        return np.zeros((records.shape[0], count), dtype=np.uint32)
+    last_byte = records.shape[1] - 1
+    bit_offsets = first_bit + np.arange(count, dtype=np.int64) * width
+    first_bytes = bit_offsets // 8
+    span = (width + 7 + 7) // 8  # bytes a field can straddle
+    wide = np.uint32 if span <= 4 else np.uint64
+    shifts = (8 * span - width - bit_offsets % 8).astype(wide)
+    # Bytes past the record's end only feed bits that are shifted out, so clamping is safe.
+    acc = np.take(records, np.minimum(first_bytes, last_byte), axis=1).astype(wide)
+    for extra in range(1, span):
+        acc <<= wide(8)
+        acc |= np.take(records, np.minimum(first_bytes + extra, last_byte), axis=1)
+    acc >>= shifts
+    acc &= wide((1 << width) - 1)
+    return acc
+
+
+def _set_bit_positions(records: np.ndarray, first_byte: int, bit_count: int, ones_per_row: int) -> np.ndarray:
+    """Positions of the set bits of each row's `bit_count`-bit field -> [N, ones_per_row]."""
+    count = records.shape[0]
+    field = np.ascontiguousarray(records[:, first_byte : first_byte + (bit_count + 7) // 8])
+    bits = np.unpackbits(field, axis=1, count=bit_count, bitorder="big").view(bool)
+    if count and not (bits.sum(axis=1, dtype=np.int64) == ones_per_row).all():
+        raise RecordDecodeError("an id set does not hold exactly k ids")
+    flat = np.flatnonzero(bits)
+    return flat.reshape(count, ones_per_row) - (np.arange(count, dtype=np.int64) * bit_count)[:, None]
 
 
 def encode_records(
@@ -166,20 +189,12 @@ def decode_records(layout: RecordLayout, records: np.ndarray) -> tuple[np.ndarra
         raise RecordDecodeError(f"records must be [N, {layout.record_bytes}] bytes, got {records.shape}")
     x_min = np.ascontiguousarray(records[:, 0:2]).view("<f2").reshape(count).astype(np.float32)
     tail = np.ascontiguousarray(records[:, 2:6]).view("<f4").reshape(count).astype(np.float32)
-    bits = np.unpackbits(records[:, RECORD_HEADER_BYTES:], axis=1, count=layout.payload_bits, bitorder="big")
-
-    upper = bits[:, : layout.upper_bits]
-    if count and not (upper.sum(axis=1, dtype=np.int64) == k).all():
-        raise RecordDecodeError("an id set does not hold exactly k ids")
-    _, positions = np.nonzero(upper)
-    high = positions.reshape(count, k) - np.arange(k)
-    start = layout.upper_bits
-    low = _bits_to_int(bits[:, start : start + k * layout.low_bits], k, layout.low_bits)
-    ids = (high << layout.low_bits) | low
+    high = _set_bit_positions(records, RECORD_HEADER_BYTES, layout.upper_bits, k) - np.arange(k)
+    first_bit = 8 * RECORD_HEADER_BYTES + layout.upper_bits
+    ids = (high << layout.low_bits) | _read_fields(records, first_bit, k, layout.low_bits)
     if count and ids.max() >= layout.vocab_size:
         raise RecordDecodeError("a token id lies outside the vocabulary")
-    start += k * layout.low_bits
-    codes = _bits_to_int(bits[:, start : start + k * layout.value_bits], k, layout.value_bits)
+    codes = _read_fields(records, first_bit + k * layout.low_bits, k, layout.value_bits)
     if not (np.isfinite(x_min).all() and x_min.max(initial=0.0) <= 0 and not np.isnan(tail).any()):
         raise RecordDecodeError("a record header holds an impossible value")
 

@@ -58,12 +58,13 @@ class DemoConfig(Strict):
     validation_limit: int | None = Field(None, ge=5)
     test_limit: int | None = Field(None, ge=5)
     measure_speed: bool = True
+    latency_examples: int = Field(16, ge=2, description="batch-1 forwards timed for the latency median")
     progress: bool = True
 
 
-QUICK = {"output_dir": "runs/demo-bbc-quick", "max_length": 64, "batch_size": 8, "teacher_steps": 10,
-         "student_steps": 10, "warmup_steps": 2, "eval_every": 5, "eval_batches": 2,
-         "train_limit": 120, "validation_limit": 20, "test_limit": 60}
+QUICK = {"output_dir": "runs/demo-bbc-quick", "max_length": 32, "batch_size": 4, "teacher_steps": 4,
+         "student_steps": 4, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1, "latency_examples": 4,
+         "train_limit": 40, "validation_limit": 10, "test_limit": 20}
 
 
 def demo_config(config_path: str | None, overrides: list[str], quick: bool) -> DemoConfig:
@@ -256,7 +257,8 @@ def run_demo(config: DemoConfig) -> dict:
              ModelSpec("distilled", str(distilled.output_dir / "final")),
              ModelSpec("baseline", str(baseline.output_dir / "final"))]
     report = clock.run("evaluate on the test split", evaluate_classifiers, specs, read_records(paths["test"]),
-                       config.max_length, list(BBC_CLASSES), config.measure_speed, config.progress)
+                       config.max_length, list(BBC_CLASSES), config.measure_speed, config.progress,
+                       config.latency_examples)
     report.update({
         "title": "BBC News: all-MiniLM-L6-v2 teacher -> 2-layer student",
         "highlight": "distilled",

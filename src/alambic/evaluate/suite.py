@@ -73,7 +73,7 @@ def _ordered(specs: list[ModelSpec]) -> list[ModelSpec]:
 
 def evaluate_classifiers(
     specs: list[ModelSpec], rows: list[dict], max_length: int, class_names: list[str] | None = None,
-    measure_speed: bool = True, show_progress: bool = True,
+    measure_speed: bool = True, show_progress: bool = True, latency_examples: int = 16,
 ) -> dict:
     """Accuracy, macro-F1, agreement with the teacher, ECE, speed and size for each model on `rows`."""
     if not rows:
@@ -98,7 +98,8 @@ def evaluate_classifiers(
             **_size_metrics(model, spec.path),
         }
         if measure_speed:
-            values.update(classifier_speed(model, tokenizer, texts, max_length))
+            values.update(classifier_speed(model, tokenizer, texts, max_length, latency_examples=latency_examples,
+                                           throughput_batches=3 if latency_examples >= 8 else 1))
         num_classes = logits.shape[-1]
         report["confusion"][spec.name] = m.confusion_matrix(predictions, labels, num_classes)
         report["models"][spec.name] = {"role": spec.role, "path": str(spec.path), "metrics": values}

@@ -77,7 +77,11 @@ class RequestCache:
         self._waiters: list[asyncio.Future] = []
         self._flusher: asyncio.Task | None = None
         self._write_failure: DataError | None = None
-        self._open(replace_foreign)
+        try:
+            self._open(replace_foreign)
+        except BaseException:
+            self.close()  # a refused cache must not keep the folder locked
+            raise
 
     # ------------------------------------------------------------------ opening
 

@@ -13,7 +13,7 @@ from alambic.generate.config import GenerateConfig, PriceConfig
 def cost(prices: PriceConfig | None, prompt_tokens: int, completion_tokens: int) -> float | None:
     if prices is None:
         return None
-    return round(prompt_tokens / 1e6 * prices.input_per_million + completion_tokens / 1e6 * prices.output_per_million, 6)
+    return prompt_tokens / 1e6 * prices.input_per_million + completion_tokens / 1e6 * prices.output_per_million
 
 
 def build_summary(config: GenerateConfig, stats, teacher_rows: list[dict], kept, rejected: list[dict],
@@ -71,8 +71,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                             f"dataset {tokens['dataset']['prompt']} in / {tokens['dataset']['completion']} out")
     if "cost" in summary:
         spent = summary["cost"]
-        table.add_row("cost", f"this run {spent['this_run']:.4f} {spent['currency']}, "
-                              f"dataset {spent['dataset']:.4f} {spent['currency']}")
+        table.add_row("cost", f"this run {spent['this_run']:.6g} {spent['currency']}, "
+                              f"dataset {spent['dataset']:.6g} {spent['currency']}")
     if "contamination" in summary:
         table.add_row("contamination", ", ".join(f"{k}: {v} flagged" for k, v in summary["contamination"].items()))
     table.add_row("written", ", ".join(summary["files"].values()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
+import os
 
 from alambic.config import DistillConfig, dump_config, load_config
 
@@ -22,7 +23,8 @@ def register(app: typer.Typer) -> None:
 
         resolved = load_config(config, overrides or [], DistillConfig)
         result = run_distillation(resolved, overwrite=overwrite, resume=resume, print_config=True)
-        typer.echo(f"student saved to {result.output_dir / 'final'}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"student saved to {result.output_dir / 'final'}")
 
     @app.command()
     def validate(

@@ -11,6 +11,7 @@ and which data. The loop itself never changes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,11 @@ from alambic.training.export import export_student
 from alambic.training.objective import loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
-from alambic.training.run_dir import prepare_run_dir
+from alambic.training.run_dir import create_run_dir, inspect_run_dir
 from alambic.training.setup import build_models
+
+
+_DEBUG_STEP_SLEEP = float(os.environ.get("ALAMBIC_DEBUG_STEP_SLEEP", "0") or 0)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class RunResult:
     output_dir: Path
     final_metrics: dict
     history: list[dict] = field(default_factory=list)
+    student: object = field(default=None, repr=False)  # the trained StudentModule (every rank)
 
 
 def make_accelerator(config: DistillConfig, run_dir: Path) -> Accelerator:
@@ -53,14 +58,12 @@ def run_distillation(
     config: DistillConfig, overwrite: bool = False, resume: bool = False, print_config: bool = False
 ) -> RunResult:
     run_dir = Path(config.train.output_dir)
+    # Check everything that can fail on bad input before writing anything.
+    checkpoint = inspect_run_dir(config, overwrite, resume)
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     if print_config and is_main:
         print(dump_config(config))
-    run_dir, checkpoint = prepare_run_dir(config, overwrite, resume, is_main) if is_main else (run_dir, None)
-    accelerator.wait_for_everyone()
-    if not is_main:  # every rank resumes from the checkpoint the main rank chose
-        _, checkpoint = prepare_run_dir(config, False, True, False)
     set_seed(config.train.seed)
 
     # Models and data: the student is what trains; the teacher source is what it learns from.
@@ -68,6 +71,10 @@ def run_distillation(
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
     teacher = setup.bind_teacher(train_data)
+    accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
+    if is_main:
+        create_run_dir(config, overwrite and checkpoint is None)
+    accelerator.wait_for_everyone()
 
     optimizer = build_optimizer(student, config.train)
     scheduler = build_scheduler(optimizer, config.train)
@@ -125,6 +132,8 @@ def run_distillation(
         if config.train.trackers:
             accelerator.log(record, step=step)
         progress.update(step, record)
+        if _DEBUG_STEP_SLEEP:  # lets kill/resume tests stop a run between steps reliably
+            time.sleep(_DEBUG_STEP_SLEEP)
         if config.train.save_every and step % config.train.save_every == 0:
             accelerator.wait_for_everyone()
             if is_main:
@@ -142,7 +151,7 @@ def run_distillation(
     accelerator.wait_for_everyone()
     if config.train.trackers:
         accelerator.end_training()
-    return RunResult(output_dir=run_dir, final_metrics=last_eval, history=history)
+    return RunResult(run_dir, last_eval, history, accelerator.unwrap_model(student))
 
 
 class _nullcontext:

@@ -27,39 +27,44 @@ def _comparable(config_dict: dict) -> dict:
     return copy
 
 
-def prepare_run_dir(config: DistillConfig, overwrite: bool, resume: bool, is_main: bool) -> tuple[Path, Path | None]:
-    """Create or reuse the run folder; return (folder, checkpoint to resume from or None)."""
+def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
+    """Decide, without writing anything, whether the run may use its folder.
+
+    Returns the checkpoint to resume from, or None for a fresh start.
+    """
     run_dir = Path(config.train.output_dir)
+    if overwrite or not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
     saved_config = run_dir / "config.yaml"
-    existing = run_dir.exists() and any(run_dir.iterdir())
-    if existing and overwrite:
-        if is_main:
-            shutil.rmtree(run_dir)
-        existing = False
-    checkpoint = None
-    if existing:
-        if not saved_config.exists():
-            raise ConfigError(
-                f"output folder {str(run_dir)!r} is not empty and holds no alambic run",
-                "choose another train.output_dir, or pass --overwrite to delete its contents",
-            )
-        previous = yaml.safe_load(saved_config.read_text()) or {}
-        same = _comparable(previous) == _comparable(config.model_dump(mode="json"))
-        if not same and not resume:
-            raise ConfigError(
-                f"output folder {str(run_dir)!r} already holds a different run (its config.yaml differs)",
-                "pass --resume to continue that run with this config, --overwrite to start again, "
-                "or choose another train.output_dir",
-            )
-        checkpoints = list_checkpoints(run_dir)
-        if checkpoints:
-            checkpoint = checkpoints[-1]
-        elif (run_dir / "final").exists() and not resume:
-            raise ConfigError(
-                f"output folder {str(run_dir)!r} already holds a finished run with no checkpoint to resume",
-                "pass --overwrite to train again, or choose another train.output_dir",
-            )
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved_config, dump_config(config))
-    return run_dir, checkpoint
+    if not saved_config.exists():
+        raise ConfigError(
+            f"output folder {str(run_dir)!r} is not empty and holds no alambic run",
+            "choose another train.output_dir, or pass --overwrite to delete its contents",
+        )
+    previous = yaml.safe_load(saved_config.read_text()) or {}
+    same = _comparable(previous) == _comparable(config.model_dump(mode="json"))
+    if not same and not resume:
+        raise ConfigError(
+            f"output folder {str(run_dir)!r} already holds a different run (its config.yaml differs)",
+            "pass --resume to continue that run with this config, --overwrite to start again, "
+            "or choose another train.output_dir",
+        )
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        return checkpoints[-1]
+    if (run_dir / "final").exists() and not resume:
+        raise ConfigError(
+            f"output folder {str(run_dir)!r} already holds a finished run with no checkpoint to resume",
+            "pass --overwrite to train again, or choose another train.output_dir",
+        )
+    return None
+
+
+def create_run_dir(config: DistillConfig, overwrite: bool) -> Path:
+    """Called once models and data loaded fine, so a bad input leaves no folder behind."""
+    run_dir = Path(config.train.output_dir)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    return run_dir

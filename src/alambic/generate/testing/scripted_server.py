@@ -20,12 +20,25 @@ from alambic.generate.testing.http11 import json_response, read_request
 Responder = Callable[[list, dict], str]
 
 
+class ScriptedError(Exception):
+    """Raised by a responder to answer with an HTTP error instead of a completion."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
 def echo_responder(messages: list, body: dict) -> str:
     return f"echo: {messages[-1]['content']}"
 
 
 class ScriptedChatServer:
-    """Serve /v1/chat/completions on 127.0.0.1; `log` holds (time, user message, seed) per answer sent."""
+    """Serve /v1/chat/completions on 127.0.0.1; `log` holds (time, last message, seed) per answer sent.
+
+    `responder(messages, body)` returns the answer text, or raises ScriptedError for an HTTP error.
+    With `api_key`, requests without `Authorization: Bearer <api_key>` get a 401.
+    """
 
     def __init__(self, responder: Responder = echo_responder, delay_s: float = 0.0, port: int = 0,
                  api_key: str | None = None):
@@ -69,7 +82,10 @@ class ScriptedChatServer:
         body = request.json()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        text = self.responder(body["messages"], body)
+        try:
+            text = self.responder(body["messages"], body)
+        except ScriptedError as err:
+            return json_response(err.status, {"error": {"message": str(err), "type": "scripted"}}, err.headers)
         self.log.append((time.monotonic(), body["messages"][-1]["content"], body.get("seed")))
         return json_response(200, _completion(body, text))
 

@@ -1,0 +1,344 @@
+"""Chunked LM-head distillation loss that never materialises [N, V] logits.
+
+In LLM distillation the logits (tokens x vocabulary, for the student and the
+teacher, plus their gradient) dominate memory. `fused_distillation_loss` takes
+the student's final hidden states and LM-head weights instead, and walks the
+counted tokens chunk by chunk: project the chunk to logits, compute the loss
+and its closed-form logit gradient (alambic.losses.fused_kernels), and fold that
+gradient straight into the gradients of the hidden states, head weight and
+bias. The backward pass only rescales those stored gradients. The result is
+the plain path's `per_token_distillation_loss` on full logits, masked and
+summed (or averaged), for every objective.
+
+Logits and their gradients are computed in fp32 even for bf16 inputs: a bf16
+logit loses the small differences that the softmax gradients depend on. The
+returned gradients have the dtype of their inputs.
+
+    .venv/bin/python -c "import torch; from alambic.losses.fused import fused_distillation_loss as f; \
+h = torch.randn(8, 4, requires_grad=True); w = torch.randn(16, 4, requires_grad=True); \
+out = f(h, w, None, None, None, teacher_logits=torch.randn(8, 16), objective='jsd'); out['loss'].backward(); print(out)"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alambic.errors import ConfigError, DataError, ModelError
+from alambic.losses.divergences import OBJECTIVES
+from alambic.losses.fused_kernels import (
+    IGNORE_INDEX,
+    LossSpec,
+    block_loss_and_grad,
+    compiled_block_loss_and_grad,
+)
+
+# Eager blocks are a few rows wide so that their ~10 temporaries stay in the CPU
+# caches: one pass over a cache-resident block is ~10x cheaper than over a chunk.
+EAGER_BLOCK_ELEMENTS = 1 << 17
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd function needs besides the student's tensors."""
+
+    spec: LossSpec
+    rows: torch.Tensor | None  # indices of the counted rows; None when every row counts
+    row_count: int
+    total_rows: int
+    labels: torch.Tensor | None  # labels of the counted rows
+    teacher_hidden: torch.Tensor | None
+    teacher_weight: torch.Tensor | None
+    teacher_bias: torch.Tensor | None
+    teacher_logits: torch.Tensor | None
+    chunk_size: int
+    compiled: bool
+    scale: float  # 1 for "sum", 1 / count for "mean"
+
+
+def _select(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of the counted rows of `tensor` (a view when every row counts)."""
+    if rows is None:
+        return tensor[start:stop]
+    return tensor.index_select(0, rows[start:stop])
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    # float64 inputs (used by the exactness tests) stay float64; everything else is fp32.
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return torch.matmul(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KD sum, CE sum, d(loss)/d(logits)) for a chunk; eager mode overwrites `logits`."""
+    if plan.compiled:
+        return compiled_block_loss_and_grad()(logits, teacher_logits, labels, plan.spec)
+    block_rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[1])
+    kd_sum = logits.new_zeros(())
+    ce_sum = logits.new_zeros(())
+    for start in range(0, logits.shape[0], block_rows):
+        stop = start + block_rows
+        kd, ce, grad = block_loss_and_grad(
+            logits[start:stop],
+            None if teacher_logits is None else teacher_logits[start:stop],
+            None if labels is None else labels[start:stop],
+            plan.spec,
+        )
+        kd_sum += kd
+        ce_sum += ce
+        logits[start:stop].copy_(grad)
+    return kd_sum, ce_sum, logits
+
+
+def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool, bool]):
+    """Loss sums and (unscaled) gradients of hidden, weight and bias."""
+    compute = _compute_dtype(hidden, weight, plan.teacher_hidden, plan.teacher_weight)
+    device = hidden.device
+    vocab, width = weight.shape
+    student_weight = weight.detach().to(compute)
+    student_bias = None if bias is None else bias.detach().to(compute)
+    teacher_weight = teacher_bias = teacher_buffer = None
+    if plan.teacher_weight is not None:
+        teacher_weight = plan.teacher_weight.detach().to(compute)
+        teacher_bias = None if plan.teacher_bias is None else plan.teacher_bias.detach().to(compute)
+    chunk = max(1, min(plan.chunk_size, plan.row_count))
+    student_buffer = torch.empty(chunk, vocab, dtype=compute, device=device)
+    if teacher_weight is not None:
+        teacher_buffer = torch.empty(chunk, vocab, dtype=compute, device=device)
+    grad_hidden = torch.zeros(plan.total_rows, width, dtype=compute, device=device) if needs_grad[0] else None
+    grad_weight = torch.zeros(vocab, width, dtype=compute, device=device) if needs_grad[1] else None
+    grad_bias = torch.zeros(vocab, dtype=compute, device=device) if needs_grad[2] else None
+    kd_total = torch.zeros((), dtype=compute, device=device)
+    ce_total = torch.zeros((), dtype=compute, device=device)
+    for start in range(0, plan.row_count, chunk):
+        stop = min(start + chunk, plan.row_count)
+        chunk_hidden = _select(hidden.detach(), plan.rows, start, stop).to(compute)
+        logits = _project(chunk_hidden, student_weight, student_bias, student_buffer[: stop - start])
+        teacher_logits = None
+        if teacher_weight is not None:
+            teacher_hidden = _select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute)
+            teacher_logits = _project(teacher_hidden, teacher_weight, teacher_bias, teacher_buffer[: stop - start])
+        elif plan.teacher_logits is not None:
+            teacher_logits = _select(plan.teacher_logits.detach(), plan.rows, start, stop)
+        labels = None if plan.labels is None else plan.labels[start:stop]
+        kd, ce, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, labels, plan)
+        kd_total += kd
+        ce_total += ce
+        if grad_hidden is not None:
+            chunk_grad = grad_logits @ student_weight
+            if plan.rows is None:
+                grad_hidden[start:stop] = chunk_grad
+            else:
+                grad_hidden.index_copy_(0, plan.rows[start:stop], chunk_grad)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), chunk_hidden)
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+    return kd_total, ce_total, (grad_hidden, grad_weight, grad_bias)
+
+
+class _FusedHeadDistillation(torch.autograd.Function):
+    """Forward computes the loss and all gradients chunk by chunk; backward rescales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _Plan):
+        needs_grad = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
+        kd_sum, ce_sum, grads = _run_chunks(hidden, weight, bias, plan, needs_grad)
+        spec = plan.spec
+        loss = (spec.kd_weight * kd_sum + spec.ce_weight * ce_sum) * plan.scale
+        kd = kd_sum * plan.scale
+        ce = ce_sum * plan.scale
+        ctx.fused_grads = grads
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scale = plan.scale
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grads = ctx.fused_grads
+        if grads is None:
+            raise RuntimeError(
+                "fused_distillation_loss: its stored gradients were already used by a first "
+                "backward; recompute the loss instead of retain_graph=True"
+            )
+        ctx.fused_grads = None  # scaled in place below, so a second backward would be wrong
+        results = []
+        for grad, dtype in zip(grads, ctx.input_dtypes):
+            if grad is None:
+                results.append(None)
+                continue
+            grad.mul_((grad_loss * ctx.scale).to(grad.dtype))
+            results.append(grad.to(dtype))
+        return results[0], results[1], results[2], None
+
+
+def _check_options(objective, temperature, reduction, chunk_size, top_k) -> None:
+    if objective not in OBJECTIVES:
+        raise ConfigError(
+            f"fused_distillation_loss: unknown objective {objective!r}",
+            hint=f"choose one of {', '.join(OBJECTIVES)}",
+        )
+    if not temperature > 0:
+        raise ConfigError(f"fused_distillation_loss: temperature must be > 0, got {temperature}")
+    if reduction not in ("sum", "mean"):
+        raise ConfigError(
+            f"fused_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}"
+        )
+    if chunk_size < 1:
+        raise ConfigError(f"fused_distillation_loss: chunk_size must be >= 1, got {chunk_size}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"fused_distillation_loss: top_k must be >= 1 or None, got {top_k}")
+
+
+def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_weight, teacher_bias, teacher_logits):
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ModelError(
+            f"student hidden states {tuple(hidden.shape)} do not match the head weight {tuple(weight.shape)}",
+            hint="pass hidden states as [tokens, hidden] and the LM head weight as [vocab, hidden]",
+        )
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ModelError(f"student head bias has shape {tuple(bias.shape)}, expected ({vocab},)")
+    for name, tensor in (("labels", labels), ("mask", mask)):
+        if tensor is not None and tuple(tensor.shape) != (rows,):
+            raise DataError(f"{name} has shape {tuple(tensor.shape)}, expected ({rows},) like the hidden states")
+    if teacher_logits is not None and (teacher_hidden is not None or teacher_weight is not None):
+        raise ConfigError(
+            "fused_distillation_loss: got teacher_logits and a teacher head at once",
+            hint="pass either teacher_logits or teacher_hidden with teacher_head_weight",
+        )
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ConfigError(
+            "fused_distillation_loss: teacher_hidden and teacher_head_weight go together",
+            hint="pass both, or teacher_logits instead",
+        )
+    if teacher_weight is not None:
+        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != rows or teacher_hidden.shape[1] != teacher_weight.shape[1]:
+            raise ModelError(
+                f"teacher hidden states {tuple(teacher_hidden.shape)} do not fit {rows} tokens and the "
+                f"teacher head {tuple(teacher_weight.shape)}"
+            )
+        if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
+            raise ModelError(f"teacher head bias has shape {tuple(teacher_bias.shape)}")
+    teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else (
+        teacher_logits.shape[-1] if teacher_logits is not None else vocab
+    )
+    if teacher_logits is not None and tuple(teacher_logits.shape) != (rows, teacher_vocab):
+        raise ModelError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, expected ({rows}, vocab)")
+    if teacher_vocab != vocab:
+        raise ModelError(
+            f"student has {vocab} logits per position and the teacher {teacher_vocab}",
+            hint="trim padded vocabulary rows first (alambic.losses.align_vocab) or use a cross-tokenizer objective",
+        )
+
+
+def _counted_rows(labels, mask, total_rows) -> torch.Tensor | None:
+    if mask is None and labels is not None:
+        mask = labels != IGNORE_INDEX
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _check_labels(labels: torch.Tensor, vocab: int) -> None:
+    wrong = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
+    if bool(wrong.any()):
+        raise DataError(
+            f"labels hold {int(wrong.sum())} ids outside [0, {vocab}) that are not {IGNORE_INDEX}",
+            hint=f"use {IGNORE_INDEX} for positions without a label; check that the tokenizer matches the model",
+        )
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    student_head_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head_weight: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    objective: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    top_k: int | None = None,
+    chunk_size: int = 1024,
+    compile: bool = False,
+    reduction: str = "sum",
+) -> dict[str, torch.Tensor]:
+    """{"loss", "kd", "ce"} of `per_token_distillation_loss`, reduced over counted rows.
+
+    Rows count where `mask` is true; without a mask, where labels != -100; without
+    either, all rows. "sum" adds the counted rows, "mean" divides by their number
+    (at least 1). The teacher is given either as hidden states and head
+    (teacher_hidden, teacher_head_weight, teacher_head_bias) or as dense logits;
+    without a teacher the loss is the cross-entropy. Gradients flow through "loss"
+    to the student's hidden states, head weight and bias; "kd" and "ce" are detached
+    metrics and the teacher gets no gradient. `compile=True` runs the per-chunk math
+    through torch.compile. A backward with retain_graph=True can run only once.
+    """
+    _check_options(objective, temperature, reduction, chunk_size, top_k)
+    _check_shapes(
+        student_hidden, student_head_weight, student_head_bias, labels, mask,
+        teacher_hidden, teacher_head_weight, teacher_head_bias, teacher_logits,
+    )
+    has_teacher = teacher_head_weight is not None or teacher_logits is not None
+    total_rows = student_hidden.shape[0]
+    rows = _counted_rows(labels, mask, total_rows)
+    row_count = total_rows if rows is None else rows.numel()
+    counted_labels = None
+    use_ce = labels is not None and (alpha > 0.0 or not has_teacher)
+    if use_ce:
+        counted_labels = labels if rows is None else labels.index_select(0, rows)
+        _check_labels(counted_labels, student_head_weight.shape[0])
+    spec = LossSpec(
+        objective=objective,
+        temperature=float(temperature),
+        beta=float(beta),
+        skew_alpha=float(skew_alpha),
+        top_k=top_k,
+        kd_weight=(1.0 - alpha) if has_teacher and alpha < 1.0 else 0.0,
+        ce_weight=(alpha if has_teacher else 1.0) if use_ce else 0.0,
+        labels_may_be_ignored=use_ce and mask is not None and bool((counted_labels == IGNORE_INDEX).any()),
+    )
+    plan = _Plan(
+        spec=spec,
+        rows=rows,
+        row_count=row_count,
+        total_rows=total_rows,
+        labels=counted_labels,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_head_weight,
+        teacher_bias=teacher_head_bias,
+        teacher_logits=teacher_logits,
+        chunk_size=chunk_size,
+        compiled=compile,
+        scale=1.0 / max(row_count, 1) if reduction == "mean" else 1.0,
+    )
+    loss, kd, ce = _FusedHeadDistillation.apply(student_hidden, student_head_weight, student_head_bias, plan)
+    return {"loss": loss, "kd": kd, "ce": ce}

@@ -1,0 +1,243 @@
+"""Distillation from a sparse teacher: its top-k log-probabilities plus the tail mass.
+
+An offline logit cache keeps, per position, the teacher's k most likely token
+ids with their log-probabilities and log(1 - their total probability). Both
+distributions are compared on k + 1 outcomes: the k cached tokens and one
+"tail" bucket holding every other token (for the student, the total mass it
+puts outside the teacher's top-k). When k equals the vocabulary size there is
+no bucket and every objective equals the dense one in `divergences.py`.
+
+What is exact and what is a bound, for k < V (p = teacher, q = student):
+- Each top-k term (e.g. p_i log(p_i / q_i) for forward KL) is exact.
+- Every objective here is an f-divergence (forward/reverse KL, generalized JSD,
+  skew KLs, TVD), so merging the tail into one bucket can only lower it (data
+  processing inequality; for KL, the log-sum inequality): the value is a lower
+  bound on the full-vocabulary divergence. It is exact when the student's
+  distribution *within* the tail is proportional to the teacher's.
+- For forward KL the gap is bounded above too: the tail terms sum to at most
+  p_tail * (log p_k - min_{j outside} log q_j), p_k being the k-th teacher probability.
+- cosine needs the teacher's raw logits and is refused.
+The teacher log-probabilities are stored at the cache's temperature: a top-k
+distribution cannot be re-tempered exactly (the tail's shape is unknown), so
+training must use that same temperature (see `check_cache_temperature`).
+
+    python -c "import torch; from alambic.losses.sparse import sparse_token_divergence as d; \
+z = torch.randn(2, 5); lp, ids = z.log_softmax(-1).topk(3); \
+print(d(torch.randn(2, 5), ids, lp, (1 - lp.exp().sum(-1)).log()))"
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alambic.errors import ConfigError
+from alambic.losses.divergences import divergence_from_logprobs, token_cross_entropy
+
+# A bucket whose log-mass is below this counts as empty (e^-80 ~ 1.8e-35); it
+# keeps logs finite so that masked-out terms cannot turn gradients into NaN.
+LOG_MASS_FLOOR = -80.0
+
+
+def check_cache_temperature(cache_temperature: float, loss_temperature: float, source: str = "the logit cache") -> None:
+    """A cached top-k distribution cannot be re-tempered: the two must be equal."""
+    if abs(float(cache_temperature) - float(loss_temperature)) > 1e-6 * max(1.0, abs(float(cache_temperature))):
+        raise ConfigError(
+            f"{source} holds teacher log-probabilities at temperature {cache_temperature}, "
+            f"but loss.temperature is {loss_temperature}",
+            f"set loss.temperature={cache_temperature}, or rebuild the cache at temperature "
+            f"{loss_temperature} (alambic cache-logits CONFIG loss.temperature={loss_temperature})",
+        )
+
+
+def _check_objective(objective: str) -> None:
+    if objective == "cosine":
+        raise ConfigError(
+            "loss.objective 'cosine' compares raw logits, and a top-k logit cache holds only log-probabilities",
+            "use a probability objective with the cache (forward_kl, reverse_kl, jsd, skew_forward_kl, "
+            "skew_reverse_kl, tvd) or a live teacher (teacher.model)",
+        )
+
+
+def sparse_logprobs(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probabilities on the k cached tokens (+ the tail bucket when k < V)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab_size, k = student_logits.shape[-1], topk_ids.shape[-1]
+    if k > vocab_size:
+        raise ValueError(f"the teacher signal has {k} ids per position but the student only {vocab_size} logits")
+    scaled = student_logits.float() / temperature
+    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    student_top = scaled.gather(-1, topk_ids) - log_normaliser
+    teacher_top = topk_logprobs.float()
+    if k == vocab_size:
+        return student_top, teacher_top
+    # Summing over the complement directly (not 1 - sum of the top-k) stays accurate when the tail is tiny.
+    outside = scaled.scatter(-1, topk_ids, float("-inf"))
+    student_tail = (torch.logsumexp(outside, dim=-1, keepdim=True) - log_normaliser).clamp_min(LOG_MASS_FLOOR)
+    teacher_tail = tail_logmass.float().unsqueeze(-1).clamp_min(LOG_MASS_FLOOR)
+    return torch.cat([student_top, student_tail], dim=-1), torch.cat([teacher_top, teacher_tail], dim=-1)
+
+
+def sparse_token_divergence(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    objective: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> torch.Tensor:
+    """Per-position divergence (shape = student_logits.shape[:-1]), scaled by T**2.
+
+    student_logits [..., V]; topk_ids / topk_logprobs [..., k] (any order);
+    tail_logmass [...]: log of the teacher mass outside the k ids (-inf if none).
+    """
+    _check_objective(objective)
+    student_lp, teacher_lp = sparse_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature)
+    return divergence_from_logprobs(student_lp, teacher_lp, objective, beta, skew_alpha) * temperature**2
+
+
+def sparse_per_token_distillation_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    objective: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """Per-position {"loss", "kd", "ce"}: loss = alpha * CE + (1 - alpha) * T**2 * D_sparse.
+
+    The sparse twin of `per_token_distillation_loss`; the caller masks and reduces.
+    """
+    _check_objective(objective)
+    zeros = student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
+    kd = zeros
+    ce = zeros
+    if alpha < 1.0:
+        kd = sparse_token_divergence(
+            student_logits, topk_ids, topk_logprobs, tail_logmass, objective, temperature, beta, skew_alpha
+        )
+    if labels is not None and alpha > 0.0:
+        ce = token_cross_entropy(student_logits, labels, ignore_index)
+    return {"loss": alpha * ce + (1.0 - alpha) * kd, "kd": kd, "ce": ce}
+
+
+class _FusedSparseLoss(torch.autograd.Function):
+    """Weighted sums of (loss, kd, ce) over tokens, computed chunk by chunk.
+
+    The gradient of the loss w.r.t. hidden states and the head is accumulated
+    during the forward pass, chunk by chunk, so at most chunk_size x V logits
+    exist at a time and backward is three multiplications by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, token_weights, topk_ids, topk_logprobs, tail_logmass, options):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias and bias is not None else None
+        totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        head = weight.to(hidden.dtype)
+        chunk_size = options.pop("chunk_size")
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk_hidden = hidden[rows]
+            logits = chunk_hidden @ head.T
+            if bias is not None:
+                logits = logits + bias.to(logits.dtype)
+            with torch.enable_grad():
+                leaf = logits.detach().float().requires_grad_(True)
+                per_token = sparse_per_token_distillation_loss(
+                    leaf, topk_ids[rows], topk_logprobs[rows], tail_logmass[rows], labels[rows], **options
+                )
+                chunk_weights = token_weights[rows]
+                chunk_loss = (per_token["loss"] * chunk_weights).sum()
+                (grad_logits,) = torch.autograd.grad(chunk_loss, leaf)
+            totals[0] += chunk_loss.detach()
+            totals[1] += (per_token["kd"].detach() * chunk_weights).sum()
+            totals[2] += (per_token["ce"].detach() * chunk_weights).sum()
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(head.dtype) @ head).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ chunk_hidden.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        loss, kd, ce = totals[0].clone(), totals[1].clone(), totals[2].clone()
+        ctx.mark_non_differentiable(kd, ce)  # reported figures; only the loss is differentiated
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        scale = grad_loss
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
+            (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
+            None, None, None, None, None, None,
+        )
+
+
+def fused_sparse_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    student_head_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    objective: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """{"loss", "kd", "ce"} from student hidden states [N, H] and a sparse teacher, never building N x V logits.
+
+    labels [N] (next-token targets, ignore_index = no CE), mask [N] (positions that
+    count; None = all), topk_* [N, k], tail_logmass [N]. reduction "sum" or
+    "mean" (over masked positions). Only "loss" carries a gradient.
+    """
+    _check_objective(objective)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    count = student_hidden.shape[0]
+    token_weights = torch.ones(count, dtype=torch.float32, device=student_hidden.device)
+    if mask is not None:
+        token_weights = token_weights * mask.reshape(count).float()
+    if reduction == "mean":
+        token_weights = token_weights / token_weights.sum().clamp_min(1.0)
+    if labels is None:
+        labels = torch.full((count,), ignore_index, dtype=torch.long, device=student_hidden.device)
+    options = {
+        "objective": objective, "temperature": temperature, "alpha": alpha, "beta": beta,
+        "skew_alpha": skew_alpha, "ignore_index": ignore_index, "chunk_size": chunk_size,
+    }
+    loss, kd, ce = _FusedSparseLoss.apply(
+        student_hidden, student_head_weight, student_head_bias, labels.reshape(count), token_weights,
+        topk_ids, topk_logprobs, tail_logmass, options,
+    )
+    return {"loss": loss, "kd": kd, "ce": ce}
