@@ -256,3 +256,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls:
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_model_for(path: str | Path) -> type[BaseModel]:
+    """The schema a YAML file declares with a `# schema: module:Class` comment (default DistillConfig).
+
+    Commands other than `distill` (generate, cache-logits, ...) have their own
+    config models; the comment lets `alambic validate` and the config tests
+    check every file in configs/ against the right one.
+    """
+    import importlib
+
+    for line in Path(path).read_text().splitlines()[:20]:
+        stripped = line.lstrip("# ").strip()
+        if line.startswith("#") and stripped.startswith("schema:"):
+            target = stripped.split(":", 1)[1].strip()
+            module_name, _, class_name = target.partition(":")
+            return getattr(importlib.import_module(module_name), class_name)
+    return DistillConfig

