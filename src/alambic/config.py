@@ -16,6 +16,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alambic.config_modes import (
+    CoDistillConfig,
+    CrossTokenizerConfig,
+    EnsembleConfig,
+    RepresentationConfig,
+    RolloutConfig,
+    SelfDistillConfig,
+)
 from alambic.errors import ConfigError
 from alambic.losses import OBJECTIVES
 
@@ -136,6 +144,14 @@ class DistillConfig(Strict):
     data: DataConfig
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    # Modes (alambic.training.modes): all optional, default = off-policy logit KD.
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="several teachers, combined by `ensemble`")
+    ensemble: EnsembleConfig | None = None
+    rollout: RolloutConfig = RolloutConfig()
+    representation: RepresentationConfig | None = None
+    self_distill: SelfDistillConfig | None = None
+    co_distill: CoDistillConfig | None = None
+    cross_tokenizer: CrossTokenizerConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":

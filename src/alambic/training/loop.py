@@ -26,7 +26,7 @@ from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
 from alambic.training.evaluation import evaluate
 from alambic.training.export import export_student
-from alambic.training.objective import loss_sums
+from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
@@ -96,29 +96,33 @@ def run_distillation(
     student.train()
     for step in range(start_step + 1, config.train.max_steps + 1):
         started = time.perf_counter()
-        micro_batches = plan.step_indices(step - 1)
-        step_loss_tokens = sum(train_data.loss_tokens(i) for micro in micro_batches for i in micro)
+        # Rollouts (on-policy sampling, teacher samples) may replace completions, so the
+        # loss tokens of the step are counted on the final batches, over all ranks.
+        batches = [
+            setup.rollout(_load_batch(train_data, plan.rank_slice(g, accelerator.process_index), pad_id, accelerator.device), step)
+            for g in plan.step_indices(step - 1)
+        ]
+        step_loss_tokens = _count_across_ranks(accelerator, sum(loss_positions(b, config.task) for b in batches))
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         input_tokens = 0
-        for micro, global_indices in enumerate(micro_batches):
-            indices = plan.rank_slice(global_indices, accelerator.process_index)
-            batch = collate([train_data[i] for i in indices], pad_id, indices)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        for micro, batch in enumerate(batches):
             input_tokens += int(batch["attention_mask"].sum())
-            last_micro = micro == len(micro_batches) - 1
+            last_micro = micro == len(batches) - 1
             with accelerator.no_sync(student) if not last_micro else _nullcontext():
-                sums = loss_sums(student, batch, teacher, config.loss, config.task)
+                sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
                 # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
                 scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
                 accelerator.backward(scaled)
-            for name in totals:
-                totals[name] += float(sums[name].detach())
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach())
         grad_norm = None
         if config.train.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), config.train.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        for hook in setup.after_step:  # e.g. an EMA teacher follows the student
+            hook(accelerator.unwrap_model(student), step)
 
         record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
         if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
@@ -152,6 +156,18 @@ def run_distillation(
     if config.train.trackers:
         accelerator.end_training()
     return RunResult(run_dir, last_eval, history, accelerator.unwrap_model(student))
+
+
+def _load_batch(dataset, indices: list[int], pad_id: int, device) -> dict:
+    batch = collate([dataset[i] for i in indices], pad_id, indices)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _count_across_ranks(accelerator, local_count: int) -> int:
+    if accelerator.num_processes == 1:
+        return int(local_count)
+    total = accelerator.reduce(torch.tensor([float(local_count)], device=accelerator.device), reduction="sum")
+    return int(total.item())
 
 
 class _nullcontext:

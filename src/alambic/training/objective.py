@@ -134,11 +134,29 @@ def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig
     return _sums(per_example, mask, batch.get("weight"))
 
 
-def loss_sums(student, batch, teacher, loss_cfg: LossConfig, task: str) -> dict:
+def loss_positions(batch: dict, task: str) -> int:
+    """How many positions of `batch` carry a loss (the normaliser of a step)."""
     if task == "sequence_classification":
-        return classification_loss_sums(student, batch, teacher, loss_cfg)
-    fused = use_fused_path(loss_cfg, student_module(student), task, batch)
-    return causal_lm_loss_sums(student, batch, teacher, loss_cfg, fused)
+        return int(batch["labels"].shape[0])
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def loss_sums(student, batch, teacher, loss_cfg: LossConfig, task: str, extra_terms=()) -> dict:
+    """Sums of the logit loss plus any extra terms (representation transfer, ...).
+
+    An extra term is a callable (student, batch, teacher) -> {"loss": sum, name: sum, ...}
+    whose "loss" is added to the total; its other entries are logged.
+    """
+    if task == "sequence_classification":
+        sums = classification_loss_sums(student, batch, teacher, loss_cfg)
+    else:
+        fused = use_fused_path(loss_cfg, student_module(student), task, batch)
+        sums = causal_lm_loss_sums(student, batch, teacher, loss_cfg, fused)
+    for term in extra_terms:
+        term_sums = term(student, batch, teacher)
+        sums["loss"] = sums["loss"] + term_sums.pop("loss")
+        sums.update(term_sums)
+    return sums
 
 
 def student_module(student):

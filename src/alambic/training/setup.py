@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alambic.config import DistillConfig
 from alambic.errors import ModelError
@@ -19,6 +19,11 @@ class RunModels:
     teacher_name: str | None
     teacher_evaluable: bool  # a dense signal on any text (a cache only covers its own rows)
     config: DistillConfig
+    # Mode hooks (training/modes): a rollout replaces or extends a batch before the loss;
+    # extra terms add to the loss; after_step hooks run after each optimiser step.
+    rollout: object = field(default=lambda batch, step: batch)
+    extra_terms: list = field(default_factory=list)
+    after_step: list = field(default_factory=list)
 
     def bind_teacher(self, train_data):
         """Sources tied to a dataset (an offline cache) check it is the same data."""
