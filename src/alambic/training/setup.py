@@ -8,6 +8,7 @@ from alambic.config import DistillConfig
 from alambic.errors import ModelError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.live import LiveTeacher
+from alambic.training.modes import configure_modes
 from alambic.training.module import StudentModule
 
 
@@ -24,6 +25,10 @@ class RunModels:
     rollout: object = field(default=lambda batch, step: batch)
     extra_terms: list = field(default_factory=list)
     after_step: list = field(default_factory=list)
+    teacher_model: object | None = None  # the live teacher's HF model, when there is one
+    teacher_tokenizer: object | None = None
+    vocab_size: int | None = None
+    device: object = None
 
     def bind_teacher(self, train_data):
         """Sources tied to a dataset (an offline cache) check it is the same data."""
@@ -72,7 +77,12 @@ def build_models(config: DistillConfig, device) -> RunModels:
 
         teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
     student = StudentModule(student_model, vocab_size).to(device)
-    return RunModels(student, teacher, tokenizer, name, evaluable, config)
+    setup = RunModels(student, teacher, tokenizer, name, evaluable, config)
+    setup.teacher_model, setup.teacher_tokenizer = teacher_model, teacher_tokenizer
+    setup.vocab_size, setup.device = vocab_size, device
+    configure_modes(setup, config)  # modes may swap the teacher, add rollouts, terms, hooks
+    setup.student.to(device)  # auxiliary modules added by modes follow the student
+    return setup
 
 
 def _check_same_classes(teacher_model, student_model) -> None:
