@@ -34,6 +34,8 @@ COMMAND_MODULES = (
     "alambic.generate.cli",  # generate, train-classifier
     "alambic.evaluate.cli",  # eval, report, demo
     "alambic.models.cli",  # init-student
+    "alambic.training.progressive_cli",  # progressive
+    "alambic.training.reward_cli",  # reward-distill
 )
 
 

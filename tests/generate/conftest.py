@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,18 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from generate_child import forkserver_context
 from generate_tiny_model import build_tiny_chat_model
+from helpers_generate import free_port
 
 from alambic.generate.testing.scripted_server import ScriptedChatServer
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -88,11 +83,34 @@ class ServeProcess:
 _early: dict = {}
 
 
+def _uses(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def _late_order(item) -> int:
+    """Server tests after the rest (the server starts meanwhile), then this folder's other slow tests
+    (so they do not compete with the server's start-up for the two cores)."""
+    if _uses(item, "transformers_server"):
+        return 1
+    here = Path(__file__).parent
+    if item.get_closest_marker("slow") and Path(str(item.fspath)).parent == here:
+        return 2
+    return 0
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: start nothing for tests that will not run
 def pytest_collection_modifyitems(session, config, items):
-    if any("transformers_server" in getattr(item, "fixturenames", ()) for item in items):
+    """Start the slow things now and run the tests that need them last, so the rest overlaps the wait."""
+    if any(_uses(item, "transformers_server") for item in items):
         workdir = Path(tempfile.mkdtemp(prefix="alambic-serve-"))
         _early["workdir"] = workdir
         _early["server"] = ServeProcess.launch(workdir)
+        items.sort(key=_late_order)
+    if any(_uses(item, "generate_forkserver") for item in items):
+        import multiprocessing.forkserver
+
+        _early["forkserver"] = forkserver_context()
+        multiprocessing.forkserver.ensure_running()  # returns at once; the imports happen in the server
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -112,6 +130,12 @@ def transformers_server() -> ServeProcess:
         server = _early["server"] = ServeProcess.launch(_early["workdir"])
     server.wait_ready()
     return server
+
+
+@pytest.fixture(scope="session")
+def generate_forkserver():
+    """A multiprocessing context whose processes fork from a server that has imported alambic already."""
+    return _early.get("forkserver") or forkserver_context()
 
 
 @pytest.fixture

@@ -79,6 +79,7 @@ def build_tiny_chat_model(folder: str | Path, seed: int = 0) -> Path:
         "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "dtype": "float32",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}))
+    generation = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
     save_file(_weights(vocab_size, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

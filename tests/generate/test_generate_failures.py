@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from conftest import free_port
-from helpers_generate import read_jsonl, run_cli, summary_of, write_jsonl
+from helpers_generate import free_port, read_jsonl, run_cli, summary_of, write_jsonl
 
 from alambic.generate.testing.scripted_server import ScriptedError
 

@@ -16,11 +16,14 @@ import signal
 import time
 from collections import Counter
 
-from generate_child import forkserver_context, run_generate
+import pytest
+from generate_child import run_generate
 from helpers_generate import read_jsonl, run_cli, summary_of, write_jsonl
 
 from alambic.generate.cache import RECORDS_FILE
 from alambic.generate.testing.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.slow  # a real server process: ~10 s to start on two cores
 
 WORDS = "the a good bad movie film plot actor cat dog sat on mat great awful fine".split()
 
@@ -53,11 +56,12 @@ def test_collects_answers_from_transformers_serve(transformers_server, config_fr
 
 
 def test_fault_proxy_run_completes_with_every_record_once(transformers_server, config_from, tmp_path):
-    rates = {"rate_limit": 0.06, "server_error": 0.06, "timeout": 0.04, "truncated": 0.06, "invalid_json": 0.06}
-    proxy = FaultProxy("127.0.0.1", transformers_server.port, rates, retry_after="0.3", hang_s=20, seed=3)
+    rates = {"rate_limit": 0.06, "server_error": 0.06, "timeout": 0.05, "truncated": 0.06, "invalid_json": 0.06}
+    # Seed 17 draws every kind of fault within the first 30 requests.
+    proxy = FaultProxy("127.0.0.1", transformers_server.port, rates, retry_after="0.3", hang_s=20, seed=17)
     proxy.start_in_thread()
     try:
-        inputs = write_jsonl(tmp_path / "in.jsonl", prompts(40, seed=1))
+        inputs = write_jsonl(tmp_path / "in.jsonl", prompts(30, seed=1))
         config = real_config(config_from, tmp_path, proxy.base_url, str(transformers_server.model_dir), inputs,
                              timeout_s=2.0, retry={"max_attempts": 12, "base_delay_s": 0.02, "max_delay_s": 0.2})
         assert run_cli("generate", config) == 0
@@ -66,11 +70,12 @@ def test_fault_proxy_run_completes_with_every_record_once(transformers_server, c
     injected = proxy.counts()
     assert all(injected.get(fault, 0) >= 1 for fault in rates), injected  # every kind of fault happened
     rows = read_jsonl(tmp_path / "run" / "teacher.jsonl")
-    assert sorted(r["id"] for r in rows) == list(range(40)) and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["id"] for r in rows) == list(range(30)) and all(r["status"] == "ok" for r in rows)
     errors = summary_of(tmp_path / "run")["requests"]["errors_by_kind"]
+    # A slow answer on a loaded machine may time out on its own, so timeouts are at least those injected.
+    assert errors.pop("timeout") >= injected["timeout"]
     assert errors == {"rate_limited": injected["rate_limit"], "server_error": injected["server_error"],
-                      "timeout": injected["timeout"], "connection": injected["truncated"],
-                      "invalid_response": injected["invalid_json"]}
+                      "connection": injected["truncated"], "invalid_response": injected["invalid_json"]}
     for event in (e for e in proxy.events if e.fault == "rate_limit"):
         retry = min(e.time for e in proxy.events if e.prompt == event.prompt and e.time > event.time)
         assert retry - event.time >= 0.3, "Retry-After was not honoured"
@@ -99,31 +104,32 @@ def kill_when_stored(process, cache_file, target: int, deadline_s: float = 60.0)
     return False
 
 
-def test_kill_9_at_random_points_never_resends_a_stored_answer(transformers_server, config_from, tmp_path):
-    rng = random.Random(int(os.environ.get("ALAMBIC_KILL_SEED", time.time_ns() % 10_000)))
+def test_kill_9_at_random_points_never_resends_a_stored_answer(transformers_server, generate_forkserver, config_from,
+                                                               tmp_path):
+    seed = int(os.environ.get("ALAMBIC_KILL_SEED", time.time_ns() % 10_000))  # set it to replay a failure
+    rng = random.Random(seed)
     proxy = FaultProxy("127.0.0.1", transformers_server.port, {}).start_in_thread()  # logs answers only
-    count = 48
+    count, rounds = 30, 3
     inputs = write_jsonl(tmp_path / "in.jsonl", prompts(count, seed=2))
     config = real_config(config_from, tmp_path, proxy.base_url, str(transformers_server.model_dir), inputs)
     cache_file = tmp_path / "run" / "cache" / RECORDS_FILE
-    context = forkserver_context()
     kills = 0
     try:
-        for _ in range(4):
+        for _ in range(rounds):
             before = stored_prompts(cache_file)
             mark = len(proxy.answered)
             target = len(before) + rng.randint(1, max(1, (count - len(before)) // 3))
-            process = context.Process(target=run_generate, args=(str(config),))
+            process = generate_forkserver.Process(target=run_generate, args=(str(config),))
             process.start()
             kills += kill_when_stored(process, cache_file, target)
             resent = before & set(proxy.answered[mark:])
-            assert not resent, f"stored answers requested again after a kill: {sorted(resent)[:3]}"
+            assert not resent, f"stored answers requested again (ALAMBIC_KILL_SEED={seed}): {sorted(resent)[:3]}"
         mark, before = len(proxy.answered), stored_prompts(cache_file)
         assert run_cli("generate", config) == 0
-        assert not before & set(proxy.answered[mark:])
+        assert not before & set(proxy.answered[mark:]), f"ALAMBIC_KILL_SEED={seed}"
     finally:
         proxy.stop()
-    assert kills >= 3, "the runs finished before they could be killed"
+    assert kills == rounds, "a run ended before it could be killed"
     rows = read_jsonl(tmp_path / "run" / "teacher.jsonl")
     assert Counter(r["messages"][-1]["content"] for r in rows) == Counter(p["prompt"] for p in prompts(count, 2))
     assert all(r["status"] == "ok" for r in rows)

@@ -154,3 +154,12 @@ def test_samples_seeds_logprobs_and_resume(scripted_server, config_from, tmp_pat
     assert run_cli("generate", config) == 0
     assert len(server.log) == 12  # nothing sent again
     assert summary_of(tmp_path / "run")["requests"]["from_cache"] == 12
+
+
+def test_requests_in_flight_never_exceed_the_bound(scripted_server, config_from, tmp_path):
+    server = scripted_server(delay_s=0.05)
+    inputs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(15)])
+    config = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "max_in_flight": 3},
+                         input={"path": str(inputs)})
+    assert run_cli("generate", config) == 0
+    assert len(server.log) == 15 and server.peak_active == 3

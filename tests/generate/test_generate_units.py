@@ -144,3 +144,36 @@ def test_split_proposals_reads_numbered_and_plain_lists():
     assert split_proposals("4. Write a poem.\n5) Name a river.\n- Sort a list") == [
         "Write a poem.", "Name a river.", "Sort a list"]
     assert split_proposals("Write a poem.\n\nName a river.") == ["Write a poem.", "Name a river."]
+
+
+def test_progress_line_shows_rates_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from alambic.generate.progress import GenerationProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=150, color_system=None)
+    with GenerationProgress(True, total=10, already_done=2, description="answers", console=console) as progress:
+        time.sleep(0.05)
+        progress.advance(4, 120)
+        progress._progress.refresh()
+    text = console.file.getvalue()
+    assert "6/10" in text and "req/s" in text and "tok/s" in text and "ETA" in text
+    requests_per_s = float(text.split(" req/s")[-2].split()[-1])  # the last refresh
+    assert 0 < requests_per_s <= 4 / 0.05
+    assert progress.requests == 4 and progress.tokens == 120
+
+
+def test_vllm_is_imported_only_when_chosen(monkeypatch):
+    import sys
+
+    from alambic.errors import ConfigError
+    from alambic.generate.backends import make_backend
+    from alambic.generate.config import TeacherBackendConfig
+
+    make_backend(TeacherBackendConfig(model="m", base_url="http://127.0.0.1:1/v1"), None)
+    assert "vllm" not in sys.modules
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"alambic\[vllm\]"):
+        make_backend(TeacherBackendConfig(backend="vllm", model="m"), None)

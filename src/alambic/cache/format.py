@@ -134,10 +134,15 @@ def _set_bit_positions(records: np.ndarray, first_byte: int, bit_count: int, one
     count = records.shape[0]
     field = np.ascontiguousarray(records[:, first_byte : first_byte + (bit_count + 7) // 8])
     bits = np.unpackbits(field, axis=1, count=bit_count, bitorder="big").view(bool)
-    if count and not (bits.sum(axis=1, dtype=np.int64) == ones_per_row).all():
-        raise RecordDecodeError("an id set does not hold exactly k ids")
     flat = np.flatnonzero(bits)
-    return flat.reshape(count, ones_per_row) - (np.arange(count, dtype=np.int64) * bit_count)[:, None]
+    if flat.size != count * ones_per_row:
+        raise RecordDecodeError("an id set does not hold exactly k ids")
+    positions = flat.reshape(count, ones_per_row)
+    rows = np.arange(count, dtype=np.int64)[:, None] * bit_count
+    # Every row must own exactly its k positions (not k - 1 here and k + 1 there).
+    if count and not ((positions[:, 0] >= rows[:, 0]) & (positions[:, -1] < rows[:, 0] + bit_count)).all():
+        raise RecordDecodeError("an id set does not hold exactly k ids")
+    return positions - rows
 
 
 def encode_records(
@@ -199,13 +204,14 @@ def decode_records(layout: RecordLayout, records: np.ndarray) -> tuple[np.ndarra
         raise RecordDecodeError("a record header holds an impossible value")
 
     levels = (1 << layout.value_bits) - 1
-    relative = codes.astype(np.float32) * (x_min[:, None] / levels)
-    shift = relative.max(axis=1, keepdims=True)
-    log_sum = shift[:, 0] + np.log(np.exp(relative - shift).sum(axis=1))
+    relative = codes.astype(np.float32)
+    relative *= (x_min / levels)[:, None]
+    # The top-1 is coded 0, so max(relative) = 0 and the log-sum-exp needs no shift.
+    log_sum = np.log(np.exp(relative).sum(axis=1))
     with np.errstate(divide="ignore"):
         log_topk_mass = np.log(-np.expm1(np.minimum(tail, 0.0)))
-    logprobs = relative - log_sum[:, None] + log_topk_mass[:, None]
-    return ids, logprobs.astype(np.float32), tail
+    relative += (log_topk_mass - log_sum)[:, None]
+    return ids, relative, tail
 
 
 # ----------------------------------------------------------------------------- files

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,9 @@ from alambic.cache.identity import CacheIdentity
 from alambic.errors import DataError
 
 OPEN_SHARDS = 64  # memory maps kept open at once (each holds a file descriptor)
+# NumPy releases the GIL in the decode's array operations, so threads decode
+# slices of a large batch in parallel; below this many tokens a thread costs more than it saves.
+TOKENS_PER_DECODE_THREAD = 2048
 REBUILD_HINT = "delete the cache folder and run `alambic cache-logits` again"
 
 
@@ -59,7 +64,7 @@ def read_manifest(folder: str | Path) -> dict:
 class LogitCache:
     """Random access to the cached top-k distributions of a dataset's rows."""
 
-    def __init__(self, folder: str | Path, verify: str = "lazy"):
+    def __init__(self, folder: str | Path, verify: str = "lazy", decode_threads: int | None = None):
         if verify not in ("lazy", "all", "none"):
             raise ValueError(f"verify must be 'lazy', 'all' or 'none', got {verify!r}")
         self.folder = Path(folder)
@@ -72,6 +77,8 @@ class LogitCache:
         self._row_starts = [entry["rows"][0] for entry in self._shards]
         self._verified: set[int] = set()
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._decode_threads = max(1, decode_threads or min(8, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
         if verify == "all":
             for position in range(len(self._shards)):
                 self._check_checksum(position)
@@ -143,8 +150,17 @@ class LogitCache:
         return records[offsets[local] : offsets[local + 1]]
 
     def decode(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, log-probs, tail) of [N, record_bytes] records, decoded by up to `decode_threads` threads."""
+        records = np.asarray(records)
+        pieces = min(self._decode_threads, records.shape[0] // TOKENS_PER_DECODE_THREAD)
         try:
-            return decode_records(self.layout, np.asarray(records))
+            if pieces < 2:
+                return decode_records(self.layout, records)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="logit-cache")
+            parts = self._pool.map(lambda part: decode_records(self.layout, part), np.array_split(records, pieces))
+            ids, logprobs, tail = zip(*parts)
+            return np.concatenate(ids), np.concatenate(logprobs), np.concatenate(tail)
         except RecordDecodeError as err:
             raise DataError(f"the logit cache {self.folder} holds a corrupted record: {err}", REBUILD_HINT) from None
 
@@ -158,13 +174,23 @@ class LogitCache:
         lengths = np.array([block.shape[0] for block in blocks], dtype=np.int64)
         length = int(lengths.max(initial=0)) if length is None else length
         k = self.layout.k
+        if (lengths > length).any():
+            position = int(np.argmax(lengths > length))
+            raise DataError(
+                f"row {rows[position]} has {int(lengths[position])} tokens in the logit cache {self.folder}, "
+                f"more than the {length} positions of its batch",
+                "the training data must be tokenized exactly as when the cache was made; " + REBUILD_HINT,
+            )
         ids, logprobs, tail = self.decode(np.concatenate(blocks) if blocks else np.zeros((0, self.layout.record_bytes), np.uint8))
+        if len(rows) and (lengths == length).all():  # no padding (e.g. packed rows): reshape only
+            return {
+                "topk_ids": ids.reshape(len(rows), length, k), "topk_logprobs": logprobs.reshape(len(rows), length, k),
+                "tail_logmass": tail.reshape(len(rows), length), "lengths": lengths,
+            }
         out_ids = np.broadcast_to(np.arange(k, dtype=np.int64), (len(rows), length, k)).copy()
         out_logprobs = np.full((len(rows), length, k), -np.log(k), dtype=np.float32)
         out_tail = np.full((len(rows), length), -np.inf, dtype=np.float32)
         valid = np.arange(length)[None, :] < lengths[:, None]
-        if (lengths > length).any():
-            raise ValueError(f"a cached row has {lengths.max()} tokens, more than the requested length {length}")
         out_ids[valid], out_logprobs[valid], out_tail[valid] = ids, logprobs, tail
         return {"topk_ids": out_ids, "topk_logprobs": out_logprobs, "tail_logmass": out_tail, "lengths": lengths}
 

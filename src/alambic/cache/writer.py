@@ -12,6 +12,7 @@ shards, and `resume=True` carries on from the first shard it does not list.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
@@ -69,17 +70,45 @@ def _remove_cache_files(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _load_for_resume(folder: Path, identity: CacheIdentity) -> dict:
+def _check_resumable(folder: Path, identity: CacheIdentity, keys: tuple[str, ...] | None = None) -> dict:
+    """The folder's manifest, if its identity equals `identity` (on `keys`); else a DataError listing the differences."""
     from alambic.cache.reader import read_manifest  # the reader owns manifest validation
 
     manifest = read_manifest(folder)
-    differences = identity_differences(CacheIdentity.from_manifest(manifest, str(folder)), identity)
+    differences = identity_differences(CacheIdentity.from_manifest(manifest, str(folder)), identity, keys)
     if differences:
         raise DataError(
             f"cannot resume the logit cache in {folder}: it was made with different settings:\n  - "
             + "\n  - ".join(differences),
             "run with the cache's settings, or start a new cache (--overwrite, or another --out folder)",
         )
+    return manifest
+
+
+def _refuse_existing(folder: Path) -> None:
+    done = json.loads((folder / MANIFEST_NAME).read_text()).get("shards", [])
+    raise DataError(
+        f"{folder} already holds a logit cache ({len(done)} shards written)",
+        "pass --resume to continue it, --overwrite to start again, or choose another --out folder",
+    )
+
+
+def check_folder_before_teacher(folder: str | Path, identity: CacheIdentity, resume: bool, overwrite: bool) -> None:
+    """The refusals that need no teacher weights, raised before a large teacher is loaded.
+
+    `identity.teacher_weight_hash` is ignored here; `prepare_folder` checks it.
+    """
+    folder = Path(folder)
+    _refuse_foreign_folder(folder)
+    if overwrite or not (folder / MANIFEST_NAME).exists():
+        return
+    if not resume:
+        _refuse_existing(folder)
+    _check_resumable(folder, identity, tuple(f.name for f in fields(CacheIdentity) if f.name != "teacher_weight_hash"))
+
+
+def _load_for_resume(folder: Path, identity: CacheIdentity) -> dict:
+    manifest = _check_resumable(folder, identity)
     for entry in manifest["shards"]:
         path = folder / entry["file"]
         if not path.exists() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
@@ -103,11 +132,7 @@ def prepare_folder(folder: Path, identity: CacheIdentity, resume: bool, overwrit
     if exists and resume and not overwrite:
         return _load_for_resume(folder, identity)
     if exists and not overwrite:
-        done = json.loads((folder / MANIFEST_NAME).read_text()).get("shards", [])
-        raise DataError(
-            f"{folder} already holds a logit cache ({len(done)} shards written)",
-            "pass --resume to continue it, --overwrite to start again, or choose another --out folder",
-        )
+        _refuse_existing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_cache_files(folder)
     manifest = identity.new_manifest()
@@ -163,7 +188,6 @@ def write_logit_cache(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    on_shard_written: Callable[[int], None] | None = None,
 ) -> dict:
     """Compute (or finish computing) the cache of `rows`; returns the final manifest.
 
@@ -190,8 +214,6 @@ def write_logit_cache(
                 {"index": index, "file": name, "rows": [start, stop], "tokens": int(offsets[-1]), "bytes": size, "sha256": checksum}
             )
             write_manifest(folder, manifest)
-            if on_shard_written is not None:
-                on_shard_written(index)
     manifest["complete"] = True
     write_manifest(folder, manifest)
     return manifest

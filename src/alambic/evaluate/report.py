@@ -134,11 +134,13 @@ def tradeoff_plot(run: dict) -> str | None:
             x, y = entry["metrics"][cost], entry["metrics"].get(quality)
             if y is None:
                 continue
-            axis.scatter(x, y, s=80, marker="*" if entry["role"] == "teacher" else "o")
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
+            # Models often share a point (same size): a legend stays readable where labels would overlap.
+            teacher = entry["role"] == "teacher"
+            axis.scatter(x, y, s=160 if teacher else 90, marker="*" if teacher else "o", label=name, alpha=0.8)
         axis.set_xlabel(METRIC_LABELS[cost][0])
         axis.set_ylabel(METRIC_LABELS[quality][0])
         axis.grid(alpha=0.3)
+        axis.legend()
     figure.suptitle("Quality vs cost (up-left is better)" if quality == "accuracy" else "Quality vs cost (down-left is better)")
     return _figure_html(figure, "quality versus cost")
 
@@ -198,8 +200,13 @@ def _section_extras(run: dict) -> list[str]:
         )
         parts.append(f"<h3>Targets</h3><table><tr><th>target</th><th>goal</th><th>measured</th><th></th></tr>{rows}</table>")
     if run.get("stages"):
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in run["stages"].items())
-        parts.append(f"<h3>Wall time per stage</h3><table><tr><th>stage</th><th>time</th></tr>{rows}</table>")
+        cpu = run.get("stage_cpu_seconds") or {}
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td><td>{format_value('', cpu.get(k))}</td></tr>"
+            for k, v in run["stages"].items()
+        )
+        parts.append("<h3>Time per stage</h3><table><tr><th>stage</th><th>wall</th><th>CPU seconds (all threads)</th>"
+                     f"</tr>{rows}</table>")
     if run.get("setup"):
         items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in run["setup"].items())
         parts.append(f"<h3>Setup</h3><ul class='note'>{items}</ul>")

@@ -111,6 +111,7 @@ class RequestCache:
             fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_handle.close()
+            self._lock_handle = None
             raise ConfigError(
                 f"another `alambic generate` is writing the cache in {str(self.folder)!r}",
                 "wait for it to finish or stop it; two runs must not share one output.dir",
@@ -126,7 +127,8 @@ class RequestCache:
 
     def _mismatch_message(self, stored: dict) -> str:
         if not stored:
-            return f"the request cache in {str(self.folder)!r} has no readable manifest; it was not written by this config"
+            return (f"the request cache in {str(self.folder)!r} has no readable manifest; "
+                    "it was not written by this config")
         changed = [f"teacher.{k}" for k in sorted(set(stored.get("teacher", {})) | set(self.identity))
                    if stored.get("teacher", {}).get(k) != self.identity.get(k)]
         changed += [f"sampling.{k}" for k in sorted(set(stored.get("sampling", {})) | set(self.params))
@@ -184,16 +186,20 @@ class RequestCache:
 
     # ------------------------------------------------------------------ writing
 
-    async def append(self, record: dict) -> None:
-        """Return once `record` is on disk; concurrent callers share one write and one fsync."""
+    def append_nowait(self, record: dict) -> asyncio.Future:
+        """Queue `record`; the future resolves once it is on disk (records queued together share one fsync)."""
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         waiter = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(lambda done: None if done.cancelled() or done.exception() else self._remember(record))
         self._pending.append(line)
         self._waiters.append(waiter)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_pending())
-        await waiter
-        self._remember(record)
+        return waiter
+
+    async def append(self, record: dict) -> None:
+        """Return once `record` is on disk."""
+        await self.append_nowait(record)
 
     async def _flush_pending(self) -> None:
         while self._pending:

@@ -42,7 +42,7 @@ class TeacherBackendConfig(Strict):
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key")
     timeout_s: float = Field(120.0, gt=0.0, description="per attempt")
-    max_in_flight: int = Field(16, ge=1, description="requests (openai) or batches (hf, vllm) at once")
+    max_in_flight: int = Field(16, ge=1, description="requests at once (openai); hf and vllm run one batch at a time")
     batch_size: int = Field(8, ge=1, description="prompts per generate call (hf, vllm)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="hf: 'cpu', 'cuda', 'cuda:1' or 'auto'")
@@ -72,7 +72,8 @@ class InputConfig(Strict):
     format: Literal["auto", "jsonl", "parquet", "csv"] = "auto"
     prompt_column: str = "prompt"
     id_column: str | None = Field(None, description="kept as the record id; the row number otherwise")
-    keep_columns: list[str] = Field(default_factory=list, description="copied into the student records, e.g. a gold label")
+    keep_columns: list[str] = Field(default_factory=list,
+                                    description="copied into the student records, e.g. a gold label")
     limit: int | None = Field(None, ge=1)
 
 
@@ -151,7 +152,8 @@ class SelfInstructRecipe(Strict):
     demos_per_proposal: int = Field(3, ge=1, description="known instructions shown in each proposal request")
     max_new_per_proposal: int = Field(8, ge=1)
     similarity: Literal["rouge_l", "ngram"] = "rouge_l"
-    similarity_threshold: float = Field(0.7, gt=0.0, le=1.0, description="drop a new instruction this close to a known one")
+    similarity_threshold: float = Field(0.7, gt=0.0, le=1.0,
+                                        description="drop a new instruction this close to a known one")
     ngram_n: int = Field(3, ge=1)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
@@ -177,7 +179,8 @@ class EvalSetRef(Strict):
 class ContaminationConfig(Strict):
     eval_sets: list[EvalSetRef]
     ngram: int = Field(8, ge=1, description="words per n-gram")
-    threshold: float = Field(0.5, gt=0.0, le=1.0, description="flag a record when this share of its n-grams is in an eval set")
+    threshold: float = Field(0.5, gt=0.0, le=1.0,
+                             description="flag a record when this share of its n-grams is in an eval set")
     drop: bool = False
 
 

@@ -29,7 +29,8 @@ def read_table(path: str | Path, file_format: str = "auto") -> list[dict]:
         try:
             return parquet.read_table(path).to_pylist()
         except Exception as err:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(f"cannot read Parquet file {str(path)!r}: {err}", "check that the file is Parquet") from None
+            raise DataError(f"cannot read Parquet file {str(path)!r}: {err}",
+                            "check that the file is Parquet") from None
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 

@@ -56,15 +56,19 @@ class GenerateRun:
         self.new_cache = new_cache
         self.run_dir = Path(config.output.dir)
         self.params = config.sampling.request_params()
+        self.identity = backend_identity(config)
         self.recipe: Recipe = build_recipe(config)
 
     def execute(self) -> dict:
         api_key = read_api_key(self.config.teacher.api_key_env)
         records = self._read_input()
+        for record in records:  # a template naming a missing column fails here, before any model loads
+            self.recipe.teacher_messages(record)
+            self.recipe.student_prompt(record)
         example_filter = ExampleFilter(self.config.filters)  # reads evaluation sets: fail before any request
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(self.run_dir / "config.yaml", dump_config(self.config).encode())
-        cache = RequestCache(self.run_dir / "cache", backend_identity(self.config), self.params,
+        cache = RequestCache(self.run_dir / "cache", self.identity, self.params,
                              replace_foreign=self.new_cache)
         try:
             backend = make_backend(self.config.teacher, api_key)
@@ -157,9 +161,8 @@ class GenerateRun:
         return teacher_rows, examples, rejected
 
     def _teacher_row(self, job: Job, stored: dict | None) -> dict:
-        identity = backend_identity(self.config)
         row = {"id": job.source_id, "sample_index": job.request.sample_index, "key": job.request.key,
-               "messages": list(job.request.messages), "teacher": identity, "params": self.params,
+               "messages": list(job.request.messages), "teacher": self.identity, "params": self.params,
                "seed": job.request.seed}
         if stored is None:
             return {**row, "status": "failed", "error": {"kind": "not_sent", "message": "no answer stored"}}

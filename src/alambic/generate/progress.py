@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class GenerationProgress:
     """Counts requests finished in this run; answers found in the cache count as done from the start."""
 
-    def __init__(self, enabled: bool, total: int, already_done: int, description: str = "teacher"):
+    def __init__(self, enabled: bool, total: int, already_done: int, description: str = "teacher",
+                 console: Console | None = None):
         self.enabled = enabled
         self.started = time.monotonic()
         self.requests = 0
@@ -28,7 +29,7 @@ class GenerationProgress:
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=console or Console(stderr=True),
                 refresh_per_second=4,
             )
             self._task = self._progress.add_task(description, total=total, completed=already_done,

@@ -25,15 +25,9 @@ class Rejection:
     detail: str
 
 
-class _TemplateFields(dict):
-    def __missing__(self, key: str):
-        raise KeyError(key)
-
-
 def render(template: str, record: dict, prompt_column: str, where: str) -> str:
     """Fill `{column}` fields from the record; `{prompt}` is the prompt column whatever its name."""
-    fields = _TemplateFields(record)
-    fields.setdefault("prompt", record.get(prompt_column))
+    fields = {**record, "prompt": record.get(prompt_column, record.get("prompt"))}
     try:
         return template.format_map(fields)
     except KeyError as err:
@@ -43,7 +37,8 @@ def render(template: str, record: dict, prompt_column: str, where: str) -> str:
             "use a column of the input file, or double the braces ({{ }}) for a literal brace",
         ) from None
     except (ValueError, IndexError) as err:
-        raise ConfigError(f"{where} is not a valid template: {err}", "write fields as {column}, literal braces as {{ }}") from None
+        raise ConfigError(f"{where} is not a valid template: {err}",
+                          "write fields as {column}, literal braces as {{ }}") from None
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
@@ -114,7 +109,7 @@ class Recipe:
         return [{**self.base_record(record), "prompt": self.student_prompt(record), "completion": content.strip()}]
 
 
-class LabelRecipeImpl(Recipe):
+class Labelling(Recipe):
     keeps_raw_completion = False
 
     def __init__(self, config: GenerateConfig):
@@ -130,7 +125,7 @@ class LabelRecipeImpl(Recipe):
                  "text": record.get(self.prompt_column), "label": label}]
 
 
-class StepByStepRecipeImpl(Recipe):
+class StepByStep(Recipe):
     keeps_raw_completion = False
 
     def __init__(self, config: GenerateConfig):
@@ -162,7 +157,7 @@ class StepByStepRecipeImpl(Recipe):
         ]
 
 
-class ContextRecipeImpl(Recipe):
+class ContextDistillation(Recipe):
     def __init__(self, config: GenerateConfig):
         super().__init__(config)
         # The point of context distillation: the student sees the bare prompt, not the engineered one.
@@ -182,6 +177,6 @@ class ContextRecipeImpl(Recipe):
 
 
 def build_recipe(config: GenerateConfig) -> Recipe:
-    kinds = {"answer": Recipe, "label": LabelRecipeImpl, "step_by_step": StepByStepRecipeImpl,
-             "context": ContextRecipeImpl, "self_instruct": Recipe}
+    kinds = {"answer": Recipe, "label": Labelling, "step_by_step": StepByStep,
+             "context": ContextDistillation, "self_instruct": Recipe}
     return kinds[config.recipe.kind](config)

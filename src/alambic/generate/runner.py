@@ -81,6 +81,8 @@ class RequestRunner:
         self.stats = RunStats()
         self._pause_until = 0.0
         self._progress: GenerationProgress | None = None
+        self._writes: set[asyncio.Future] = set()
+        self._write_error: BaseException | None = None
 
     def pending(self, requests: list[TeacherRequest], retry_failed: bool) -> list[TeacherRequest]:
         """Requests still to send: not answered, and not failed before unless `retry_failed`; each key once."""
@@ -113,11 +115,15 @@ class RequestRunner:
                 for worker in workers:
                     worker.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
+                # Answers already received are stored even when the run stops early.
+                await asyncio.gather(*list(self._writes), return_exceptions=True)
                 self.stats.seconds += time.monotonic() - started
+        if self._write_error is not None:
+            raise self._write_error
         return self.stats
 
     async def _worker(self, queue: deque) -> None:
-        while queue:
+        while queue and self._write_error is None:
             batch = [queue.popleft() for _ in range(min(self.backend.batch_size, len(queue)))]
             await self._process(batch)
 
@@ -131,7 +137,7 @@ class RequestRunner:
                 replies = await self.backend.complete(batch, self.params)
             except RejectedRequestError as err:
                 self.stats.attempt_errors[err.kind] += len(batch)
-                await self._store_failures(batch, err.kind, str(err), attempt)
+                self._store_failures(batch, err.kind, str(err), attempt)
                 return
             except TransientTeacherError as err:
                 self.stats.attempt_errors[err.kind] += len(batch)
@@ -142,11 +148,11 @@ class RequestRunner:
                 if attempt == self.retry.max_attempts:
                     if isinstance(err, UnreachableTeacherError):
                         raise self._unreachable(err, time.monotonic() - first_failure) from None
-                    await self._store_failures(batch, err.kind, str(err), attempt)
+                    self._store_failures(batch, err.kind, str(err), attempt)
                     return
                 await asyncio.sleep(backoff_delay(attempt, err.retry_after, self.retry, self.rng))
                 continue
-            await self._store_replies(batch, replies, attempt, time.monotonic() - started)
+            self._store_replies(batch, replies, attempt, time.monotonic() - started)
             return
 
     async def _respect_pause(self) -> None:
@@ -154,38 +160,61 @@ class RequestRunner:
         while (remaining := self._pause_until - time.monotonic()) > 0:
             await asyncio.sleep(remaining)
 
-    async def _store_replies(self, batch, replies: list[TeacherReply], attempts: int, latency: float) -> None:
+    def _store_replies(self, batch, replies: list[TeacherReply], attempts: int, latency: float) -> None:
         stamp = utc_now()
-        tokens = 0
-        writes = []
-        for request, reply in zip(batch, replies, strict=True):
-            record = {
-                "key": request.key, "status": "ok", "sample_index": request.sample_index, "seed": request.seed,
-                "messages": list(request.messages), "content": reply.content, "finish_reason": reply.finish_reason,
-                "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens},
-                "logprobs": reply.logprobs, "model": reply.model, "attempts": attempts, "time": stamp,
-                "latency_s": round(latency, 4),
-            }
-            writes.append(self.cache.append(record))
-            self.stats.prompt_tokens += reply.prompt_tokens or 0
-            self.stats.completion_tokens += reply.completion_tokens or 0
-            tokens += (reply.completion_tokens or 0)
-        await asyncio.gather(*writes)
-        self.stats.answered += len(batch)
-        self._progress.advance(len(batch), tokens)
+        records = [
+            {"key": request.key, "status": "ok", "sample_index": request.sample_index, "seed": request.seed,
+             "messages": list(request.messages), "content": reply.content, "finish_reason": reply.finish_reason,
+             "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens},
+             "logprobs": reply.logprobs, "model": reply.model, "attempts": attempts, "time": stamp,
+             "latency_s": round(latency, 4)}
+            for request, reply in zip(batch, replies, strict=True)
+        ]
+        prompt_tokens = sum(reply.prompt_tokens or 0 for reply in replies)
+        completion_tokens = sum(reply.completion_tokens or 0 for reply in replies)
 
-    async def _store_failures(self, batch, kind: str, message: str, attempts: int) -> None:
+        def stored() -> None:
+            self.stats.answered += len(batch)
+            self.stats.prompt_tokens += prompt_tokens
+            self.stats.completion_tokens += completion_tokens
+            self._progress.advance(len(batch), completion_tokens)
+
+        self._store(records, stored)
+
+    def _store_failures(self, batch, kind: str, message: str, attempts: int) -> None:
         stamp = utc_now()
         error = {"kind": kind, "message": self.redact(message)}
-        await asyncio.gather(*[
-            self.cache.append({"key": request.key, "status": "failed", "sample_index": request.sample_index,
-                               "seed": request.seed, "messages": list(request.messages), "error": error,
-                               "attempts": attempts, "time": stamp})
-            for request in batch
-        ])
-        self.stats.failed += len(batch)
-        self.stats.failures[kind] += len(batch)
-        self._progress.advance(len(batch), 0)
+        records = [{"key": request.key, "status": "failed", "sample_index": request.sample_index,
+                    "seed": request.seed, "messages": list(request.messages), "error": error,
+                    "attempts": attempts, "time": stamp} for request in batch]
+
+        def stored() -> None:
+            self.stats.failed += len(batch)
+            self.stats.failures[kind] += len(batch)
+            self._progress.advance(len(batch), 0)
+
+        self._store(records, stored)
+
+    def _store(self, records: list[dict], on_stored) -> None:
+        """Queue records for the cache; `on_stored` runs once they are on disk.
+
+        The worker moves on without waiting for the fsync: an answer not yet on
+        disk counts as in flight (a crash re-sends it), and the run does not end
+        before every queued record is stored.
+        """
+        written = asyncio.gather(*(self.cache.append_nowait(record) for record in records))
+        self._writes.add(written)
+
+        def finished(done: asyncio.Future) -> None:
+            self._writes.discard(done)
+            if done.cancelled():
+                return
+            if done.exception() is not None:
+                self._write_error = self._write_error or done.exception()
+                return
+            on_stored()
+
+        written.add_done_callback(finished)
 
     def _unreachable(self, err: UnreachableTeacherError, seconds: float) -> AlambicError:
         return AlambicError(

@@ -65,7 +65,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     table.add_row("teacher records", f"{records['total']} ({records['ok']} ok, {records['failed']} failed)")
     student = summary["student"]
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(student["rejected_by_reason"].items())) or "none"
-    table.add_row("student data", f"{student['records']} records from {student['examples']} answers; rejected: {rejected}")
+    table.add_row("student data",
+                  f"{student['records']} records from {student['examples']} answers; rejected: {rejected}")
     tokens = summary["tokens"]
     table.add_row("tokens", f"this run {tokens['this_run']['prompt']} in / {tokens['this_run']['completion']} out; "
                             f"dataset {tokens['dataset']['prompt']} in / {tokens['dataset']['completion']} out")

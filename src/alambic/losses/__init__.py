@@ -10,6 +10,7 @@ from alambic.losses.divergences import (
     token_cross_entropy,
     token_divergence,
 )
+from alambic.losses.sparse import fused_sparse_distillation_loss, sparse_per_token_distillation_loss, sparse_token_divergence  # noqa: F401
 
 __all__ = [
     "OBJECTIVES",

@@ -27,17 +27,8 @@ import torch
 
 from alambic.errors import ConfigError, DataError, ModelError
 from alambic.losses.divergences import OBJECTIVES
-from alambic.losses.fused_kernels import (
-    IGNORE_INDEX,
-    LossSpec,
-    block_loss_and_grad,
-    compiled_block_loss_and_grad,
-)
-
-# Eager blocks are a few rows wide so that their ~10 temporaries stay in the CPU
-# caches: one pass over a cache-resident block is ~10x cheaper than over a chunk.
-EAGER_BLOCK_ELEMENTS = 1 << 17
-
+from alambic.losses.fused_kernels import IGNORE_INDEX, LossSpec, compiled_block_loss_and_grad
+from alambic.losses.fused_threads import eager_chunk_loss_and_grad
 
 @dataclass
 class _Plan:
@@ -77,77 +68,76 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _chunk_loss_and_grad(
-    logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    plan: _Plan,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(KD sum, CE sum, d(loss)/d(logits)) for a chunk; eager mode overwrites `logits`."""
-    if plan.compiled:
-        return compiled_block_loss_and_grad()(logits, teacher_logits, labels, plan.spec)
-    block_rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[1])
-    kd_sum = logits.new_zeros(())
-    ce_sum = logits.new_zeros(())
-    for start in range(0, logits.shape[0], block_rows):
-        stop = start + block_rows
-        kd, ce, grad = block_loss_and_grad(
-            logits[start:stop],
-            None if teacher_logits is None else teacher_logits[start:stop],
-            None if labels is None else labels[start:stop],
-            plan.spec,
-        )
-        kd_sum += kd
-        ce_sum += ce
-        logits[start:stop].copy_(grad)
-    return kd_sum, ce_sum, logits
+class _Head:
+    """One LM head cast once to the compute dtype, projecting into a reused buffer."""
+
+    def __init__(self, weight, bias, compute: torch.dtype, chunk_rows: int):
+        self.weight = weight.detach().to(compute)
+        self.bias = None if bias is None else bias.detach().to(compute)
+        self.buffer = torch.empty(chunk_rows, weight.shape[0], dtype=compute, device=weight.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _project(hidden, self.weight, self.bias, self.buffer[: hidden.shape[0]])
+
+
+class _GradientSums:
+    """Gradients of the student's hidden states, head weight and bias, chunk by chunk."""
+
+    def __init__(self, plan: _Plan, head: _Head, needs_grad: tuple[bool, bool, bool]):
+        vocab, width = head.weight.shape
+        options = {"dtype": head.weight.dtype, "device": head.weight.device}
+        self.plan, self.head = plan, head
+        self.hidden = self.weight = self.bias = None
+        if needs_grad[0]:
+            # Uncounted rows keep a zero gradient; counted rows are written once each.
+            allocate = torch.empty if plan.rows is None else torch.zeros
+            self.hidden = allocate(plan.total_rows, width, **options)
+        if needs_grad[1]:
+            # The first chunk writes the weight gradient instead of adding to zeros.
+            self.weight = (torch.empty if plan.row_count > 0 else torch.zeros)(vocab, width, **options)
+        if needs_grad[2]:
+            self.bias = torch.zeros(vocab, **options)
+
+    def add_chunk(self, start: int, stop: int, grad_logits: torch.Tensor, chunk_hidden: torch.Tensor) -> None:
+        rows = self.plan.rows
+        if self.hidden is not None and rows is None:
+            torch.matmul(grad_logits, self.head.weight, out=self.hidden[start:stop])
+        elif self.hidden is not None:
+            self.hidden.index_copy_(0, rows[start:stop], grad_logits @ self.head.weight)
+        if self.weight is not None and start == 0:
+            torch.matmul(grad_logits.t(), chunk_hidden, out=self.weight)
+        elif self.weight is not None:
+            self.weight.addmm_(grad_logits.t(), chunk_hidden)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0)
 
 
 def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool, bool]):
-    """Loss sums and (unscaled) gradients of hidden, weight and bias."""
+    """KD and CE sums and the unscaled gradient sums over all counted rows."""
     compute = _compute_dtype(hidden, weight, plan.teacher_hidden, plan.teacher_weight)
-    device = hidden.device
-    vocab, width = weight.shape
-    student_weight = weight.detach().to(compute)
-    student_bias = None if bias is None else bias.detach().to(compute)
-    teacher_weight = teacher_bias = teacher_buffer = None
-    if plan.teacher_weight is not None:
-        teacher_weight = plan.teacher_weight.detach().to(compute)
-        teacher_bias = None if plan.teacher_bias is None else plan.teacher_bias.detach().to(compute)
     chunk = max(1, min(plan.chunk_size, plan.row_count))
-    student_buffer = torch.empty(chunk, vocab, dtype=compute, device=device)
-    if teacher_weight is not None:
-        teacher_buffer = torch.empty(chunk, vocab, dtype=compute, device=device)
-    grad_hidden = torch.zeros(plan.total_rows, width, dtype=compute, device=device) if needs_grad[0] else None
-    grad_weight = torch.zeros(vocab, width, dtype=compute, device=device) if needs_grad[1] else None
-    grad_bias = torch.zeros(vocab, dtype=compute, device=device) if needs_grad[2] else None
-    kd_total = torch.zeros((), dtype=compute, device=device)
-    ce_total = torch.zeros((), dtype=compute, device=device)
+    student = _Head(weight, bias, compute, chunk)
+    teacher = None
+    if plan.teacher_weight is not None:
+        teacher = _Head(plan.teacher_weight, plan.teacher_bias, compute, chunk)
+    grads = _GradientSums(plan, student, needs_grad)
+    chunk_math = compiled_block_loss_and_grad() if plan.compiled else eager_chunk_loss_and_grad
+    kd_total = torch.zeros((), dtype=compute, device=hidden.device)
+    ce_total = torch.zeros((), dtype=compute, device=hidden.device)
     for start in range(0, plan.row_count, chunk):
         stop = min(start + chunk, plan.row_count)
         chunk_hidden = _select(hidden.detach(), plan.rows, start, stop).to(compute)
-        logits = _project(chunk_hidden, student_weight, student_bias, student_buffer[: stop - start])
         teacher_logits = None
-        if teacher_weight is not None:
-            teacher_hidden = _select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute)
-            teacher_logits = _project(teacher_hidden, teacher_weight, teacher_bias, teacher_buffer[: stop - start])
+        if teacher is not None:
+            teacher_logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute))
         elif plan.teacher_logits is not None:
             teacher_logits = _select(plan.teacher_logits.detach(), plan.rows, start, stop)
         labels = None if plan.labels is None else plan.labels[start:stop]
-        kd, ce, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, labels, plan)
+        kd, ce, grad_logits = chunk_math(student.logits(chunk_hidden), teacher_logits, labels, plan.spec)
         kd_total += kd
         ce_total += ce
-        if grad_hidden is not None:
-            chunk_grad = grad_logits @ student_weight
-            if plan.rows is None:
-                grad_hidden[start:stop] = chunk_grad
-            else:
-                grad_hidden.index_copy_(0, plan.rows[start:stop], chunk_grad)
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.t(), chunk_hidden)
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0)
-    return kd_total, ce_total, (grad_hidden, grad_weight, grad_bias)
+        grads.add_chunk(start, stop, grad_logits, chunk_hidden)
+    return kd_total, ce_total, (grads.hidden, grads.weight, grads.bias)
 
 
 class _FusedHeadDistillation(torch.autograd.Function):
@@ -325,6 +315,7 @@ def fused_distillation_loss(
         kd_weight=(1.0 - alpha) if has_teacher and alpha < 1.0 else 0.0,
         ce_weight=(alpha if has_teacher else 1.0) if use_ce else 0.0,
         labels_may_be_ignored=use_ce and mask is not None and bool((counted_labels == IGNORE_INDEX).any()),
+        teacher_may_be_infinite=teacher_logits is not None,
     )
     plan = _Plan(
         spec=spec,

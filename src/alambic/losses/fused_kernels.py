@@ -3,9 +3,14 @@
 `block_loss_and_grad` takes the student and teacher logits of a few rows and
 returns the summed KD and CE values plus d(loss)/d(student logits), written by
 hand for every objective so no autograd graph is built per chunk. The values
-follow `alambic.losses.divergences` operation by operation (same log-softmax,
-same products and sums), and tests/unit/test_fused_loss.py checks values and
-gradients against autograd on that plain path.
+are the same sums as `alambic.losses.divergences` (sum of p * (log p - log m)
+terms, never a difference of large sums), and tests/unit/test_fused_loss.py
+checks values and gradients against autograd on that plain path.
+
+Eager speed on CPU is a count of passes over [rows, vocab] tensors, so the
+softmax is kept unnormalised (exp(x - max) and a per-row 1/sum), per-row
+factors are folded into the few ops that touch every element, and the
+cross-entropy gradient (softmax - onehot) is merged into the divergence's.
 
 Derivation shared by the softmax objectives (q = softmax(s), s = student / T):
 for a divergence D whose partial derivative in q is g, the chain rule through
@@ -31,7 +36,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -48,6 +52,7 @@ class LossSpec:
     kd_weight: float  # weight of the divergence in the loss; 0 when it is not computed
     ce_weight: float  # weight of the cross-entropy; 0 when it is not computed
     labels_may_be_ignored: bool  # some counted row carries IGNORE_INDEX (explicit mask)
+    teacher_may_be_infinite: bool = False  # dense teacher logits may hold -inf; head logits cannot
 
     @property
     def use_kd(self) -> bool:
@@ -58,184 +63,297 @@ class LossSpec:
         return self.ce_weight != 0.0
 
 
-class DivergenceGrad(NamedTuple):
-    """Per-row divergence, its gradient in the scaled student logits, and a scalar
-    factor still to apply to that gradient (kept apart to save a pass)."""
+class Scratch:
+    """Preallocated buffers for the [rows, vocab] temporaries of one block.
 
-    values: torch.Tensor
-    grad: torch.Tensor
-    factor: float
+    Fresh multi-hundred-KB CPU tensors come from mmap and page-fault on first
+    touch, which cost more than the math; the eager path therefore hands each
+    worker one Scratch and every big temporary is written into the next buffer.
+    `take` returns None when no buffer fits, and torch then allocates as usual.
+    """
 
+    def __init__(self, buffers: torch.Tensor):
+        self.buffers = buffers  # [count, capacity]
+        self.used = 0
+        self._views: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
-def _row_dot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    return (left * right).sum(-1)
-
-
-def _log_of_mixture(probs_a: torch.Tensor, probs_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(weight_a * a + (1 - weight_a) * b); clamped at the smallest normal so rows
-    where both probabilities underflow give finite logs (their terms weigh 0)."""
-    mixture = torch.lerp(probs_b, probs_a, weight_a)
-    return mixture.clamp_min_(torch.finfo(mixture.dtype).tiny).log_()
-
-
-def _softmax_chain(student_probs: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
-    """q * (g - <q, g>) in place on g: the gradient through the softmax."""
-    return dq.sub_(_row_dot(student_probs, dq)[:, None]).mul_(student_probs)
-
-
-def _forward_kl(student_lp: torch.Tensor, teacher_lp: torch.Tensor) -> DivergenceGrad:
-    teacher_probs = teacher_lp.exp()
-    values = _row_dot(teacher_probs, teacher_lp - student_lp)
-    return DivergenceGrad(values, student_lp.exp().sub_(teacher_probs), 1.0)
+    def take(self, shape: torch.Size) -> torch.Tensor | None:
+        views = self._views.get(tuple(shape))
+        if views is None:
+            # Views are built once per shape: slicing per call costs more than small ops.
+            numel = shape[0] * shape[1]
+            fits = numel <= self.buffers.shape[1]
+            views = [buffer[:numel].view(shape) for buffer in self.buffers] if fits else []
+            self._views[tuple(shape)] = views
+        if self.used >= len(views):
+            return None
+        self.used += 1
+        return views[self.used - 1]
 
 
-def _reverse_kl(student_lp: torch.Tensor, teacher_lp: torch.Tensor) -> DivergenceGrad:
-    student_probs = student_lp.exp()
-    log_ratio = student_lp - teacher_lp
-    values = _row_dot(student_probs, log_ratio)
-    grad = log_ratio.sub_(values[:, None]).mul_(student_probs)
-    return DivergenceGrad(values, grad, 1.0)
+def _out(scratch: Scratch | None, like: torch.Tensor) -> torch.Tensor | None:
+    """A buffer shaped like `like` for an op's out=, or None to let torch allocate."""
+    return None if scratch is None else scratch.take(like.shape)
 
 
-def _jsd(student_lp: torch.Tensor, teacher_lp: torch.Tensor, beta: float) -> DivergenceGrad:
+class Softmax(NamedTuple):
+    """Softmax of scaled logits x, unnormalised: probs = exp * inv_total."""
+
+    logits: torch.Tensor
+    exp: torch.Tensor  # exp(x - row max)
+    inv_total: torch.Tensor  # 1 / sum(exp), [rows, 1]
+    log_normalizer: torch.Tensor  # logsumexp(x), [rows, 1]
+
+
+def _softmax(logits: torch.Tensor, scratch: Scratch | None) -> Softmax:
+    row_max = logits.amax(-1, keepdim=True)
+    exp = torch.sub(logits, row_max, out=_out(scratch, logits)).exp_()
+    total = exp.sum(-1, keepdim=True)
+    return Softmax(logits, exp, total.reciprocal(), total.log().add_(row_max))
+
+
+def _log_ratio(numerator: Softmax, denominator: Softmax, scratch: Scratch | None) -> torch.Tensor:
+    """log p_numerator - log p_denominator."""
+    shift = numerator.log_normalizer - denominator.log_normalizer
+    return torch.sub(numerator.logits, denominator.logits, out=_out(scratch, numerator.logits)).sub_(shift)
+
+
+def _log_ratio_to(dist: Softmax, log_other: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """log p_dist - log_other."""
+    return torch.sub(dist.logits, log_other, out=_out(scratch, log_other)).sub_(dist.log_normalizer)
+
+
+def _expectation(dist: Softmax, values: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """sum_v p_v * values_v per row, as [rows, 1]."""
+    products = torch.mul(dist.exp, values, out=_out(scratch, values))
+    return products.sum(-1, keepdim=True).mul_(dist.inv_total)
+
+
+def _mixture(dist_a: Softmax, dist_b: Softmax, weight_a: float, scratch: Scratch | None) -> torch.Tensor:
+    """weight_a * a + (1 - weight_a) * b, clamped at the smallest normal number so that
+    rows where both probabilities underflow keep finite logs (their terms weigh 0)."""
+    mixture = torch.mul(dist_a.exp, dist_a.inv_total * weight_a, out=_out(scratch, dist_a.exp))
+    mixture.addcmul_(dist_b.exp, dist_b.inv_total * (1.0 - weight_a))
+    return mixture.clamp_min_(torch.finfo(mixture.dtype).tiny)
+
+
+class Terms(NamedTuple):
+    """A gradient sum_i tensor_i * coefficient_i (coefficients: [rows, 1] or floats)."""
+
+    items: list
+
+
+class Chain(NamedTuple):
+    """A gradient through the softmax, q * g - q * <q, g>, stored as
+    student.exp * (direction * scale + shift) with [rows, 1] scale and shift."""
+
+    student_exp: torch.Tensor
+    direction: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def scaled(self, factor: float | torch.Tensor) -> Chain:
+        return Chain(self.student_exp, self.direction, self.scale * factor, self.shift * factor)
+
+
+def _chain(student: Softmax, direction: torch.Tensor, scratch: Scratch | None, factor: float = 1.0) -> Chain:
+    """factor * q * (direction - <q, direction>): the softmax Jacobian applied to direction."""
+    scale = student.inv_total * factor
+    return Chain(student.exp, direction, scale, -_expectation(student, direction, scratch) * scale)
+
+
+class Divergence(NamedTuple):
+    values: torch.Tensor  # [rows]
+    grad: Terms | Chain  # w.r.t. the temperature-scaled student logits
+
+
+# Each objective may overwrite tensors it created, never the Softmax fields.
+
+
+def _forward_kl(student: Softmax, teacher: Softmax, scratch: Scratch | None) -> Divergence:
+    values = _expectation(teacher, _log_ratio(teacher, student, scratch), scratch).squeeze(-1)
+    return Divergence(values, Terms([(student.exp, student.inv_total), (teacher.exp, -teacher.inv_total)]))
+
+
+def _reverse_kl(student: Softmax, teacher: Softmax, scratch: Scratch | None) -> Divergence:
+    log_ratio = _log_ratio(student, teacher, scratch)
+    values = _expectation(student, log_ratio, scratch)
+    scale = student.inv_total
+    return Divergence(values.squeeze(-1), Chain(student.exp, log_ratio, scale, -values * scale))
+
+
+def _jsd(student: Softmax, teacher: Softmax, beta: float, scratch: Scratch | None) -> Divergence:
     if beta <= 0.0:
-        return _forward_kl(student_lp, teacher_lp)
+        return _forward_kl(student, teacher, scratch)
     if beta >= 1.0:
-        return _reverse_kl(student_lp, teacher_lp)
-    student_probs = student_lp.exp()
-    teacher_probs = teacher_lp.exp()
-    log_mixture = _log_of_mixture(teacher_probs, student_probs, beta)
-    teacher_term = _row_dot(teacher_probs, teacher_lp - log_mixture)
-    student_log_ratio = student_lp - log_mixture
-    student_term = _row_dot(student_probs, student_log_ratio)
-    values = beta * teacher_term + (1.0 - beta) * student_term
-    # <q, log q - log m> is student_term itself, so the softmax chain needs no extra sum.
-    grad = student_log_ratio.sub_(student_term[:, None]).mul_(student_probs)
-    return DivergenceGrad(values, grad, 1.0 - beta)
+        return _reverse_kl(student, teacher, scratch)
+    log_mixture = _mixture(teacher, student, beta, scratch).log_()
+    teacher_term = _expectation(teacher, _log_ratio_to(teacher, log_mixture, scratch), scratch)
+    student_ratio = _log_ratio_to(student, log_mixture, scratch)
+    student_term = _expectation(student, student_ratio, scratch)
+    values = (beta * teacher_term + (1.0 - beta) * student_term).squeeze(-1)
+    # d/dq of both mixture KLs collapses to (1 - beta) * log(q / m); its expectation
+    # under q is student_term itself, so the chain needs no extra sum.
+    scale = student.inv_total * (1.0 - beta)
+    return Divergence(values, Chain(student.exp, student_ratio, scale, -student_term * scale))
 
 
-def _skew_forward_kl(student_lp: torch.Tensor, teacher_lp: torch.Tensor, skew: float) -> DivergenceGrad:
+def _skew_forward_kl(student: Softmax, teacher: Softmax, skew: float, scratch: Scratch | None) -> Divergence:
     if skew <= 0.0:
-        return _forward_kl(student_lp, teacher_lp)
-    student_probs = student_lp.exp()
-    teacher_probs = teacher_lp.exp()
-    mixture = torch.lerp(student_probs, teacher_probs, skew)
-    mixture.clamp_min_(torch.finfo(mixture.dtype).tiny)
-    values = _row_dot(teacher_probs, teacher_lp - mixture.log())
-    ratio = teacher_probs.div_(mixture)
-    # g = -(1 - a) * p / m; the sign goes into the chain: q * (<q, r> - r).
-    grad = _softmax_chain(student_probs, ratio).neg_()
-    return DivergenceGrad(values, grad, 1.0 - skew)
+        return _forward_kl(student, teacher, scratch)
+    mixture = _mixture(teacher, student, skew, scratch)
+    log_mixture = torch.log(mixture, out=_out(scratch, mixture))
+    values = _expectation(teacher, _log_ratio_to(teacher, log_mixture, scratch), scratch).squeeze(-1)
+    # g = -(1 - a) * p / m, with p / m = (teacher.exp / m) * teacher.inv_total.
+    ratio = torch.div(teacher.exp, mixture, out=mixture)
+    return Divergence(values, _chain(student, ratio, scratch, -(1.0 - skew)).scaled(teacher.inv_total))
 
 
-def _skew_reverse_kl(student_lp: torch.Tensor, teacher_lp: torch.Tensor, skew: float) -> DivergenceGrad:
+def _skew_reverse_kl(student: Softmax, teacher: Softmax, skew: float, scratch: Scratch | None) -> Divergence:
     if skew <= 0.0:
-        return _reverse_kl(student_lp, teacher_lp)
-    student_probs = student_lp.exp()
-    mixture = torch.lerp(teacher_lp.exp(), student_probs, skew)
-    mixture.clamp_min_(torch.finfo(mixture.dtype).tiny)
-    log_ratio = student_lp - mixture.log()
-    values = _row_dot(student_probs, log_ratio)
-    dq = log_ratio.sub_(torch.div(student_probs, mixture).mul_(skew))
-    return DivergenceGrad(values, _softmax_chain(student_probs, dq), 1.0)
+        return _reverse_kl(student, teacher, scratch)
+    mixture = _mixture(student, teacher, skew, scratch)
+    log_ratio = _log_ratio_to(student, torch.log(mixture, out=_out(scratch, mixture)), scratch)
+    values = _expectation(student, log_ratio, scratch).squeeze(-1)
+    # g = log(q / m) - a * q / m
+    log_ratio.addcmul_(torch.div(student.exp, mixture, out=mixture), student.inv_total * -skew)
+    return Divergence(values, _chain(student, log_ratio, scratch))
 
 
-def _tvd(student_lp: torch.Tensor, teacher_lp: torch.Tensor) -> DivergenceGrad:
-    student_probs = student_lp.exp()
-    difference = teacher_lp.exp().sub_(student_probs)
+def _tvd(student: Softmax, teacher: Softmax, scratch: Scratch | None) -> Divergence:
+    difference = torch.mul(teacher.exp, teacher.inv_total, out=_out(scratch, teacher.exp))
+    difference.addcmul_(student.exp, -student.inv_total)
     values = 0.5 * difference.abs().sum(-1)
-    # d|p - q|/dq = -sign(p - q)
-    grad = _softmax_chain(student_probs, difference.sign_()).neg_()
-    return DivergenceGrad(values, grad, 0.5)
+    # d|p - q|/dq = -sign(p - q); sign(0) = 0 like autograd's abs.
+    return Divergence(values, _chain(student, difference.sign_(), scratch, -0.5))
 
 
-def _cosine(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> DivergenceGrad:
+def _cosine(student_logits: torch.Tensor, teacher_logits: torch.Tensor, scratch: Scratch | None) -> Divergence:
     # Same eps handling as F.cosine_similarity: each norm clamped at 1e-8.
     student_norm = torch.linalg.vector_norm(student_logits, dim=-1, keepdim=True).clamp_min_(1e-8)
     teacher_norm = torch.linalg.vector_norm(teacher_logits, dim=-1, keepdim=True).clamp_min_(1e-8)
-    student_unit = student_logits / student_norm
-    teacher_unit = teacher_logits / teacher_norm
-    cosine = _row_dot(student_unit, teacher_unit)
+    student_unit = torch.div(student_logits, student_norm, out=_out(scratch, student_logits))
+    teacher_unit = torch.div(teacher_logits, teacher_norm, out=_out(scratch, teacher_logits))
+    cosine = torch.mul(student_unit, teacher_unit, out=_out(scratch, student_unit)).sum(-1)
     grad = student_unit.mul_(cosine[:, None]).sub_(teacher_unit).div_(student_norm)
-    return DivergenceGrad(1.0 - cosine, grad, 1.0)
+    return Divergence(1.0 - cosine, Terms([(grad, 1.0)]))
 
 
-def _softmax_divergence(
-    student_lp: torch.Tensor, teacher_lp: torch.Tensor, spec: LossSpec
-) -> DivergenceGrad:
+def _softmax_divergence(student: Softmax, teacher: Softmax, spec: LossSpec, scratch: Scratch | None) -> Divergence:
     objective = spec.objective
     if objective == "forward_kl":
-        return _forward_kl(student_lp, teacher_lp)
+        return _forward_kl(student, teacher, scratch)
     if objective == "reverse_kl":
-        return _reverse_kl(student_lp, teacher_lp)
+        return _reverse_kl(student, teacher, scratch)
     if objective == "jsd":
-        return _jsd(student_lp, teacher_lp, spec.beta)
+        return _jsd(student, teacher, spec.beta, scratch)
     if objective in ("skew_forward_kl", "skew_reverse_kl") and spec.skew_alpha >= 1.0:
         # The plain path defines a = 1 as a distribution compared with itself: 0.
-        return DivergenceGrad(student_lp.new_zeros(student_lp.shape[0]), torch.zeros_like(student_lp), 0.0)
+        return Divergence(student.inv_total.new_zeros(student.exp.shape[0]), Terms([]))
     if objective == "skew_forward_kl":
-        return _skew_forward_kl(student_lp, teacher_lp, spec.skew_alpha)
+        return _skew_forward_kl(student, teacher, spec.skew_alpha, scratch)
     if objective == "skew_reverse_kl":
-        return _skew_reverse_kl(student_lp, teacher_lp, spec.skew_alpha)
+        return _skew_reverse_kl(student, teacher, spec.skew_alpha, scratch)
     if objective == "tvd":
-        return _tvd(student_lp, teacher_lp)
+        return _tvd(student, teacher, scratch)
     raise ValueError(f"unknown objective {objective!r}")
 
 
-class _KDResult(NamedTuple):
+class _KD(NamedTuple):
     values: torch.Tensor
-    grad: torch.Tensor  # kd_weight * d(values.sum())/d(student logits), on the top-k support if any
+    grad: Terms | Chain  # kd_weight * d(values.sum())/d(raw student logits), on the top-k support if any
     top_ids: torch.Tensor | None
-    student_logprobs: torch.Tensor | None  # log_softmax of the raw logits, reusable by the CE
+    student: Softmax | None  # softmax of the raw logits over the full vocabulary, for the CE
 
 
-def _scaled(grad: torch.Tensor, factor: float) -> torch.Tensor:
-    return grad if factor == 1.0 else grad.mul_(factor)
+def _scaled(grad: Terms | Chain, factor: float) -> Terms | Chain:
+    if factor == 1.0:
+        return grad
+    if isinstance(grad, Chain):
+        return grad.scaled(factor)
+    return Terms([(tensor, coefficient * factor) for tensor, coefficient in grad.items])
 
 
-def _distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec) -> _KDResult:
-    teacher_logits = teacher_logits.to(student_logits.dtype)
+def _distillation(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec, scratch: Scratch | None
+) -> _KD:
+    if teacher_logits.dtype != student_logits.dtype:
+        buffer = _out(scratch, teacher_logits)
+        teacher_logits = teacher_logits.to(student_logits.dtype) if buffer is None else buffer.copy_(teacher_logits)
     top_ids = None
     if spec.top_k is not None:
         k = min(spec.top_k, teacher_logits.shape[-1])
         teacher_logits, top_ids = teacher_logits.topk(k, dim=-1)
         student_logits = student_logits.gather(-1, top_ids)
     if spec.objective == "cosine":
-        result = _cosine(student_logits, teacher_logits)
-        return _KDResult(result.values, _scaled(result.grad, spec.kd_weight), top_ids, None)
+        result = _cosine(student_logits, teacher_logits, scratch)
+        return _KD(result.values, _scaled(result.grad, spec.kd_weight), top_ids, None)
     temperature = spec.temperature
     if temperature != 1.0:
-        student_logits = student_logits / temperature
-        teacher_logits = teacher_logits / temperature
-    student_lp = F.log_softmax(student_logits, dim=-1)
-    # A teacher logit of -inf (a banned or padded token) must weigh 0, not produce NaN.
-    teacher_lp = F.log_softmax(teacher_logits, dim=-1).clamp_min_(torch.finfo(student_lp.dtype).min)
-    result = _softmax_divergence(student_lp, teacher_lp, spec)
+        student_logits = torch.div(student_logits, temperature, out=_out(scratch, student_logits))
+        teacher_logits = torch.div(teacher_logits, temperature, out=_out(scratch, teacher_logits))
+    if spec.teacher_may_be_infinite:
+        # A teacher logit of -inf (a banned or padded token) must weigh 0, not produce NaN.
+        lowest = torch.finfo(teacher_logits.dtype).min
+        teacher_logits = torch.clamp_min(teacher_logits, lowest, out=_out(scratch, teacher_logits))
+    student = _softmax(student_logits, scratch)
+    result = _softmax_divergence(student, _softmax(teacher_logits, scratch), spec, scratch)
     # T**2 on the value, T**2 / T on the gradient of the raw logits.
     values = result.values * temperature**2 if temperature != 1.0 else result.values
-    grad = _scaled(result.grad, spec.kd_weight * result.factor * temperature)
-    reusable = student_lp if top_ids is None and temperature == 1.0 else None
-    return _KDResult(values, grad, top_ids, reusable)
+    shared = student if top_ids is None and temperature == 1.0 else None
+    return _KD(values, _scaled(result.grad, spec.kd_weight * temperature), top_ids, shared)
+
+
+class _CE(NamedTuple):
+    values: torch.Tensor
+    softmax_term: tuple  # (student exp, ce_weight / total per row): ce_weight * softmax
+    safe_labels: torch.Tensor
+    onehot_weight: torch.Tensor  # -ce_weight on counted rows, 0 on ignored ones, [rows, 1]
 
 
 def _cross_entropy(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    spec: LossSpec,
-    student_logprobs: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row hard-label CE on the raw logits and its gradient softmax - onehot."""
-    if student_logprobs is None:
-        student_logprobs = F.log_softmax(student_logits, dim=-1)
+    student_logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec, shared: Softmax | None, scratch: Scratch | None
+) -> _CE:
+    """Hard-label CE on the raw logits, -log q[label] = logsumexp(z) - z[label]; its
+    gradient ce_weight * (softmax - onehot) is left to the caller to assemble."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0)[:, None]
-    values = -student_logprobs.gather(-1, safe_labels).squeeze(-1)
-    grad = student_logprobs.exp()
-    grad.scatter_add_(-1, safe_labels, -valid.to(grad.dtype)[:, None])
+    label_logits = student_logits.gather(-1, safe_labels).squeeze(-1)
+    softmax = shared if shared is not None else _softmax(student_logits, scratch)
+    values = softmax.log_normalizer.squeeze(-1) - label_logits
+    coefficient = softmax.inv_total * spec.ce_weight
     if spec.labels_may_be_ignored:
         values = torch.where(valid, values, 0.0)
-        grad.mul_(valid[:, None])
-    return values, grad
+        coefficient = coefficient * valid[:, None]
+    onehot_weight = valid.to(values.dtype)[:, None] * -spec.ce_weight
+    return _CE(values, (softmax.exp, coefficient), safe_labels, onehot_weight)
+
+
+def _materialize(grad: Terms | Chain, out: torch.Tensor | None) -> torch.Tensor | None:
+    """The dense gradient of a Terms or Chain, written into `out` when given."""
+    if isinstance(grad, Chain):
+        # Two cheap passes: addcmul with [rows, 1] operands takes a slow unvectorised path.
+        combined = grad.direction.mul_(grad.scale).add_(grad.shift)
+        return torch.mul(combined, grad.student_exp, out=out)
+    result = None
+    for tensor, coefficient in grad.items:
+        if result is None:
+            result = torch.mul(tensor, coefficient, out=out)
+        elif isinstance(coefficient, torch.Tensor):
+            result.addcmul_(tensor, coefficient)
+        else:
+            result.add_(tensor, alpha=coefficient)
+    return result
+
+
+def _with_cross_entropy(grad: Terms | Chain, ce: _CE, shares_softmax: bool, scratch: Scratch | None) -> Terms | Chain:
+    """Add ce_weight * softmax to a KD gradient; free when the KD's softmax is the CE's."""
+    exp, coefficient = ce.softmax_term
+    if isinstance(grad, Chain) and shares_softmax:
+        return Chain(grad.student_exp, grad.direction, grad.scale, grad.shift + coefficient)
+    if isinstance(grad, Chain):
+        grad = Terms([(_materialize(grad, _out(scratch, grad.direction)), 1.0)])
+    return Terms([*grad.items, (exp, coefficient)])
 
 
 def block_loss_and_grad(
@@ -243,36 +361,45 @@ def block_loss_and_grad(
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor | None,
     spec: LossSpec,
+    out: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of KD values, sum of CE values, d(loss sum)/d(student logits)) for a block.
 
     loss = ce_weight * CE + kd_weight * KD per row, as in per_token_distillation_loss.
+    The gradient is written into `out` when given (it may alias student_logits);
+    `scratch` (eager CPU path) receives the big temporaries.
     """
-    kd_sum = student_logits.new_zeros(())
-    ce_sum = student_logits.new_zeros(())
-    kd = None
-    if spec.use_kd:
-        kd = _distillation(student_logits, teacher_logits, spec)
-        kd_sum = kd.values.sum()
-    grad = kd.grad if kd is not None and kd.top_ids is None else None
+    if scratch is not None:
+        scratch.used = 0
+    kd = _distillation(student_logits, teacher_logits, spec, scratch) if spec.use_kd else None
+    ce = None
     if spec.use_ce:
-        reusable = kd.student_logprobs if kd is not None else None
-        ce_values, ce_grad = _cross_entropy(student_logits, labels, spec, reusable)
-        ce_sum = ce_values.sum()
-        grad = _scaled(ce_grad, spec.ce_weight) if grad is None else grad.add_(ce_grad, alpha=spec.ce_weight)
+        ce = _cross_entropy(student_logits, labels, spec, None if kd is None else kd.student, scratch)
+    dense = Terms([])
+    if kd is not None and kd.top_ids is None:
+        dense = kd.grad if ce is None else _with_cross_entropy(kd.grad, ce, kd.student is not None, scratch)
+    elif ce is not None:
+        dense = Terms([ce.softmax_term])
+    grad = _materialize(dense, out)
     if grad is None:
-        grad = torch.zeros_like(student_logits)
+        grad = torch.zeros_like(student_logits) if out is None else out.zero_()
+    if ce is not None:
+        grad.scatter_add_(-1, ce.safe_labels, ce.onehot_weight)
     if kd is not None and kd.top_ids is not None:
-        grad.scatter_add_(-1, kd.top_ids, kd.grad)
+        grad.scatter_add_(-1, kd.top_ids, _materialize(kd.grad, _out(scratch, kd.top_ids)))
+    kd_sum = kd.values.sum() if kd is not None else student_logits.new_zeros(())
+    ce_sum = ce.values.sum() if ce is not None else student_logits.new_zeros(())
     return kd_sum, ce_sum, grad
 
 
-_compiled_block = None
+# Tests swap in "aot_eager" to check tracing without paying for C++ code generation.
+COMPILE_BACKEND = "inductor"
+_compiled_blocks: dict[str, object] = {}
 
 
 def compiled_block_loss_and_grad():
-    """The same block function through torch.compile (built once per process)."""
-    global _compiled_block
-    if _compiled_block is None:
-        _compiled_block = torch.compile(block_loss_and_grad, dynamic=None)
-    return _compiled_block
+    """`block_loss_and_grad` through torch.compile, built once per process and backend."""
+    if COMPILE_BACKEND not in _compiled_blocks:
+        _compiled_blocks[COMPILE_BACKEND] = torch.compile(block_loss_and_grad, backend=COMPILE_BACKEND)
+    return _compiled_blocks[COMPILE_BACKEND]

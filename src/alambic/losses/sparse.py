@@ -135,63 +135,68 @@ def sparse_per_token_distillation_loss(
     return {"loss": alpha * ce + (1.0 - alpha) * kd, "kd": kd, "ce": ce}
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    # Logits in fp32 even for bf16 activations: the softmax gradients need the small differences.
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
 class _FusedSparseLoss(torch.autograd.Function):
-    """Weighted sums of (loss, kd, ce) over tokens, computed chunk by chunk.
+    """Sums of (loss, kd, ce) over the counted tokens, computed chunk by chunk.
 
     The gradient of the loss w.r.t. hidden states and the head is accumulated
-    during the forward pass, chunk by chunk, so at most chunk_size x V logits
-    exist at a time and backward is three multiplications by the upstream scalar.
+    during the forward pass, so at most chunk_size x V logits exist at a time
+    and backward only rescales the stored gradients by the upstream scalar.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weights, topk_ids, topk_logprobs, tail_logmass, options):
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias and bias is not None else None
-        totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
-        head = weight.to(hidden.dtype)
-        chunk_size = options.pop("chunk_size")
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk_hidden = hidden[rows]
-            logits = chunk_hidden @ head.T
-            if bias is not None:
-                logits = logits + bias.to(logits.dtype)
-            with torch.enable_grad():
-                leaf = logits.detach().float().requires_grad_(True)
-                per_token = sparse_per_token_distillation_loss(
-                    leaf, topk_ids[rows], topk_logprobs[rows], tail_logmass[rows], labels[rows], **options
-                )
-                chunk_weights = token_weights[rows]
-                chunk_loss = (per_token["loss"] * chunk_weights).sum()
-                (grad_logits,) = torch.autograd.grad(chunk_loss, leaf)
-            totals[0] += chunk_loss.detach()
-            totals[1] += (per_token["kd"].detach() * chunk_weights).sum()
-            totals[2] += (per_token["ce"].detach() * chunk_weights).sum()
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(head.dtype) @ head).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ chunk_hidden.float()
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        loss, kd, ce = totals[0].clone(), totals[1].clone(), totals[2].clone()
+    def forward(ctx, hidden, weight, bias, rows, labels, topk_ids, topk_logprobs, tail_logmass, options):
+        compute = _compute_dtype(hidden)
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        needs_bias = bias is not None and ctx.needs_input_grad[2]
+        head = weight.detach().to(compute)
+        head_bias = None if bias is None else bias.detach().to(compute)
+        grad_hidden = torch.zeros(hidden.shape, dtype=compute, device=hidden.device) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=compute, device=bias.device) if needs_bias else None
+        totals = torch.zeros(3, dtype=compute, device=hidden.device)
+        options = dict(options)
+        chunk_size, scale = options.pop("chunk_size"), options.pop("scale")
+        # Autocast would run the head projection in bf16; the gradients below need fp32 logits.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, rows.numel(), chunk_size):
+                chunk_rows = rows[start : start + chunk_size]
+                chunk_hidden = hidden.detach().index_select(0, chunk_rows).to(compute)
+                logits = chunk_hidden @ head.T if head_bias is None else torch.addmm(head_bias, chunk_hidden, head.T)
+                with torch.enable_grad():
+                    leaf = logits.requires_grad_(True)
+                    per_token = sparse_per_token_distillation_loss(
+                        leaf, topk_ids.index_select(0, chunk_rows), topk_logprobs.index_select(0, chunk_rows),
+                        tail_logmass.index_select(0, chunk_rows), labels.index_select(0, chunk_rows), **options,
+                    )
+                    chunk_loss = per_token["loss"].sum()
+                    (grad_logits,) = torch.autograd.grad(chunk_loss, leaf)
+                totals += torch.stack([chunk_loss.detach(), per_token["kd"].detach().sum(), per_token["ce"].detach().sum()]).to(compute)
+                grad_logits = grad_logits.to(compute)
+                if grad_hidden is not None:
+                    grad_hidden.index_copy_(0, chunk_rows, grad_logits @ head)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, chunk_hidden)
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scale = scale
+        loss, kd, ce = (totals * scale).unbind()
         ctx.mark_non_differentiable(kd, ce)  # reported figures; only the loss is differentiated
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        scale = grad_loss
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
-            (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
-            None, None, None, None, None, None,
-        )
+        results = []
+        for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.input_dtypes):
+            results.append((grad * (grad_loss * ctx.scale).to(grad.dtype)).to(dtype) if present else None)
+        return (*results, None, None, None, None, None, None)
 
 
 def fused_sparse_distillation_loss(
@@ -210,34 +215,36 @@ def fused_sparse_distillation_loss(
     beta: float = 0.5,
     skew_alpha: float = 0.1,
     chunk_size: int = 1024,
-    reduction: str = "mean",
+    reduction: str = "sum",
     ignore_index: int = -100,
 ) -> dict[str, torch.Tensor]:
     """{"loss", "kd", "ce"} from student hidden states [N, H] and a sparse teacher, never building N x V logits.
 
-    labels [N] (next-token targets, ignore_index = no CE), mask [N] (positions that
-    count; None = all), topk_* [N, k], tail_logmass [N]. reduction "sum" or
-    "mean" (over masked positions). Only "loss" carries a gradient.
+    The sparse twin of `alambic.losses.fused.fused_distillation_loss`, with the
+    same conventions: rows count where `mask` is true; without a mask, where
+    labels != ignore_index; without either, all rows. "sum" adds the counted
+    rows, "mean" divides by their number. topk_ids / topk_logprobs [N, k] and
+    tail_logmass [N] describe the teacher. Only "loss" carries a gradient.
     """
     _check_objective(objective)
     if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        raise ConfigError(f"fused_sparse_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    count = student_hidden.shape[0]
-    token_weights = torch.ones(count, dtype=torch.float32, device=student_hidden.device)
-    if mask is not None:
-        token_weights = token_weights * mask.reshape(count).float()
-    if reduction == "mean":
-        token_weights = token_weights / token_weights.sum().clamp_min(1.0)
+        raise ConfigError(f"fused_sparse_distillation_loss: chunk_size must be >= 1, got {chunk_size}")
+    total = student_hidden.shape[0]
+    device = student_hidden.device
+    if mask is None and labels is not None:
+        mask = labels != ignore_index
+    rows = torch.arange(total, device=device) if mask is None else mask.reshape(total).nonzero().squeeze(1)
     if labels is None:
-        labels = torch.full((count,), ignore_index, dtype=torch.long, device=student_hidden.device)
+        labels = torch.full((total,), ignore_index, dtype=torch.long, device=device)
     options = {
-        "objective": objective, "temperature": temperature, "alpha": alpha, "beta": beta,
-        "skew_alpha": skew_alpha, "ignore_index": ignore_index, "chunk_size": chunk_size,
+        "objective": objective, "temperature": temperature, "alpha": alpha, "beta": beta, "skew_alpha": skew_alpha,
+        "ignore_index": ignore_index, "chunk_size": chunk_size,
+        "scale": 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0,
     }
     loss, kd, ce = _FusedSparseLoss.apply(
-        student_hidden, student_head_weight, student_head_bias, labels.reshape(count), token_weights,
+        student_hidden, student_head_weight, student_head_bias, rows, labels.reshape(total),
         topk_ids, topk_logprobs, tail_logmass, options,
     )
     return {"loss": loss, "kd": kd, "ce": ce}

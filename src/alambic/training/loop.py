@@ -152,6 +152,8 @@ def run_distillation(
     history = _read_history(run_dir / "metrics.jsonl")
     if is_main:
         export_student(accelerator.unwrap_model(student), tokenizer, config, run_dir, last_eval, setup.teacher_name)
+        for hook in setup.after_train:  # e.g. co-distillation saves its peers
+            hook(accelerator.unwrap_model(student), run_dir)
     accelerator.wait_for_everyone()
     if config.train.trackers:
         accelerator.end_training()

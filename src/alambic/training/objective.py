@@ -43,6 +43,7 @@ def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> boo
         loss_cfg.fused
         and task == "causal_lm"
         and "weight" not in batch
+        and "token_weight" not in batch
         and student.supports_fused_head()
         and _fused_available()
     )
@@ -62,20 +63,28 @@ def _sparse_per_token(student_logits, signal: TeacherSignal, labels, loss_cfg: L
     )
 
 
-def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fused: bool) -> dict:
+def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fused: bool, needs=frozenset()) -> dict:
     """Sums of {loss, kd, ce} over next-token positions with a label."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
-    request = SignalRequest(hidden_for_fused_head=fused)
-    signal = teacher(batch, request) if teacher is not None else None
+    signal = teacher(batch, _signal_request(needs, fused)) if teacher is not None else None
+    custom_loss = signal.extras.get("per_token_loss") if signal is not None else None
+    fused = fused and custom_loss is None  # a source's own per-position loss needs the student's logits
     outputs = student(
-        batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), hidden_only=fused
+        batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), hidden_only=fused,
+        **_student_layer_outputs(needs),
     )
+    batch["_student_outputs"], batch["_teacher_signal"] = outputs, signal  # reused by extra terms
     if fused:
         return _fused_sums(student, outputs["hidden"], signal, labels, mask, loss_cfg)
     student_logits = outputs["logits"][:, :-1]
     weight = batch["weight"][:, None].expand_as(mask) if "weight" in batch else None
-    if signal is not None and signal.topk_ids is not None:
+    if "token_weight" in batch:  # per-token importance weights set by a rollout (MiniLLM)
+        token_weight = batch["token_weight"][:, 1:]
+        weight = token_weight if weight is None else weight * token_weight
+    if custom_loss is not None:  # e.g. a multi-teacher weighted sum of divergences
+        per_token = custom_loss(student_logits, labels, shift=True)
+    elif signal is not None and signal.topk_ids is not None:
         per_token = _sparse_per_token(student_logits, _shift_sparse(signal), labels, loss_cfg)
     else:
         teacher_logits = signal.full_logits()[:, :-1] if signal is not None else None
@@ -122,14 +131,19 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig) -> 
     )
 
 
-def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig) -> dict:
+def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, needs=frozenset()) -> dict:
     """Sums over examples: class logits are distilled like token logits."""
-    signal = teacher(batch, SignalRequest()) if teacher is not None else None
-    outputs = student(batch["input_ids"], batch["attention_mask"])
-    teacher_logits = signal.full_logits() if signal is not None else None
-    per_example = per_token_distillation_loss(
-        outputs["logits"], teacher_logits, batch["labels"], **loss_options(loss_cfg)
-    )
+    signal = teacher(batch, _signal_request(needs, False)) if teacher is not None else None
+    outputs = student(batch["input_ids"], batch["attention_mask"], **_student_layer_outputs(needs))
+    batch["_student_outputs"], batch["_teacher_signal"] = outputs, signal  # reused by extra terms
+    custom_loss = signal.extras.get("per_token_loss") if signal is not None else None
+    if custom_loss is not None:
+        per_example = custom_loss(outputs["logits"], batch["labels"], shift=False)
+    else:
+        teacher_logits = signal.full_logits() if signal is not None else None
+        per_example = per_token_distillation_loss(
+            outputs["logits"], teacher_logits, batch["labels"], **loss_options(loss_cfg)
+        )
     mask = torch.ones_like(batch["labels"], dtype=torch.bool)
     return _sums(per_example, mask, batch.get("weight"))
 
@@ -145,18 +159,41 @@ def loss_sums(student, batch, teacher, loss_cfg: LossConfig, task: str, extra_te
     """Sums of the logit loss plus any extra terms (representation transfer, ...).
 
     An extra term is a callable (student, batch, teacher) -> {"loss": sum, name: sum, ...}
-    whose "loss" is added to the total; its other entries are logged.
+    whose "loss" is added to the total; its other entries are logged. A term's
+    `needs` (e.g. {"student_hidden_states", "teacher_attentions"}) asks the logit
+    loss's own forward passes for those outputs; the term finds them in
+    batch["_student_outputs"] and batch["_teacher_signal"] instead of running
+    the models again.
     """
+    needs = frozenset().union(*(getattr(term, "needs", ()) for term in extra_terms))
     if task == "sequence_classification":
-        sums = classification_loss_sums(student, batch, teacher, loss_cfg)
+        sums = classification_loss_sums(student, batch, teacher, loss_cfg, needs)
     else:
         fused = use_fused_path(loss_cfg, student_module(student), task, batch)
-        sums = causal_lm_loss_sums(student, batch, teacher, loss_cfg, fused)
+        sums = causal_lm_loss_sums(student, batch, teacher, loss_cfg, fused, needs)
     for term in extra_terms:
         term_sums = term(student, batch, teacher)
         sums["loss"] = sums["loss"] + term_sums.pop("loss")
         sums.update(term_sums)
+    # The batch outlives the backward pass until the step ends: do not keep activations alive.
+    batch.pop("_student_outputs", None)
+    batch.pop("_teacher_signal", None)
     return sums
+
+
+def _signal_request(needs, fused: bool) -> SignalRequest:
+    return SignalRequest(
+        hidden_for_fused_head=fused,
+        hidden_states="teacher_hidden_states" in needs,
+        attentions="teacher_attentions" in needs,
+    )
+
+
+def _student_layer_outputs(needs) -> dict:
+    return {
+        "output_hidden_states": "student_hidden_states" in needs,
+        "output_attentions": "student_attentions" in needs,
+    }
 
 
 def student_module(student):

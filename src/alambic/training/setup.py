@@ -25,6 +25,7 @@ class RunModels:
     rollout: object = field(default=lambda batch, step: batch)
     extra_terms: list = field(default_factory=list)
     after_step: list = field(default_factory=list)
+    after_train: list = field(default_factory=list)  # (student_module, run_dir) on the main process, after export
     teacher_model: object | None = None  # the live teacher's HF model, when there is one
     teacher_tokenizer: object | None = None
     vocab_size: int | None = None
@@ -65,7 +66,8 @@ def build_models(config: DistillConfig, device) -> RunModels:
     vocab_size = None
     if config.task == "causal_lm":
         vocab_size = len(tokenizer)
-        if teacher_tokenizer is not None:
+        # Cross-tokenizer distillation (modes/cross_tokenizer.py) checks its own pair of tokenizers.
+        if teacher_tokenizer is not None and config.cross_tokenizer is None:
             vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_model, student_model)
     elif teacher_model is not None:
         _check_same_classes(teacher_model, student_model)

@@ -1,9 +1,9 @@
 """A local transformers model as the teacher: batched, left-padded chat generation.
 
-Generation runs in a worker thread so the event loop keeps writing the cache;
-`max_in_flight` should stay 1 unless several devices are used. Requests of a
-batch share one random stream: the batch's first request seeds it, so a rerun
-of the same batch gives the same samples.
+Generation runs in a worker thread so the event loop keeps writing the cache,
+one batch at a time (one model, one device). Requests of a batch share one
+random stream: the batch's first request seeds it, so a rerun of the same
+batch gives the same samples.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class HFTeacher:
         self.torch = torch
         self.config = config
         self.batch_size = config.batch_size
-        self.max_in_flight = config.max_in_flight
+        self.max_in_flight = 1  # concurrent generate calls on one model only compete for the same device
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
             dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)

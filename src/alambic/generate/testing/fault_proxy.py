@@ -29,7 +29,7 @@ FAULTS = ("rate_limit", "server_error", "timeout", "truncated", "invalid_json")
 
 @dataclass
 class FaultEvent:
-    time: float
+    time: float  # when the request arrived (monotonic clock)
     fault: str  # one of FAULTS, or "forwarded"
     prompt: str | None
     upstream_status: int | None = None
@@ -97,9 +97,10 @@ class FaultProxy:
     async def _handle(self, request, writer) -> bool:
         """Answer one request; False when the connection must be dropped."""
         prompt = _last_user_message(request.body)
+        arrived = time.monotonic()  # events are timed by arrival, so retry spacing can be checked
         fault = self._draw() if request.method == "POST" else None
         if fault is not None and fault != "truncated":
-            self.events.append(FaultEvent(time.monotonic(), fault, prompt))
+            self.events.append(FaultEvent(arrived, fault, prompt))
         if fault == "rate_limit":
             writer.write(json_response(429, {"error": {"message": "rate limited (injected)"}},
                                        {"retry-after": self.retry_after}))
@@ -113,11 +114,11 @@ class FaultProxy:
         else:
             status, head, body = await self._forward(request)
             if fault == "truncated":
-                self.events.append(FaultEvent(time.monotonic(), "truncated", prompt, status))
+                self.events.append(FaultEvent(arrived, "truncated", prompt, status))
                 writer.write(encode_response(status, body[: len(body) // 2], head, content_length=len(body)))
                 await writer.drain()
                 return False
-            self.events.append(FaultEvent(time.monotonic(), "forwarded", prompt, status))
+            self.events.append(FaultEvent(arrived, "forwarded", prompt, status))
             writer.write(encode_response(status, body, head))
             await writer.drain()
             if status == 200 and prompt is not None:

@@ -61,7 +61,8 @@ def encode_response(status: int, body: bytes, headers: dict[str, str] | None = N
                     content_length: int | None = None) -> bytes:
     """A full response; `content_length` may claim more than `body` holds (to fake a truncated answer)."""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
-    merged = {"content-type": "application/json", "content-length": str(len(body) if content_length is None else content_length)}
+    claimed = len(body) if content_length is None else content_length
+    merged = {"content-type": "application/json", "content-length": str(claimed)}
     merged.update(headers or {})
     lines += [f"{name}: {value}" for name, value in merged.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

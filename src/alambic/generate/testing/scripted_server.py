@@ -47,6 +47,8 @@ class ScriptedChatServer:
         self.port = port
         self.api_key = api_key
         self.log: list[tuple[float, str, int | None]] = []
+        self.active = 0
+        self.peak_active = 0  # most chat requests being answered at once
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -79,14 +81,22 @@ class ScriptedChatServer:
             return json_response(404, {"error": {"message": f"no route {request.path}"}})
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return json_response(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
-        body = request.json()
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
         try:
-            text = self.responder(body["messages"], body)
+            body = request.json()
+            messages = body["messages"]
+        except (ValueError, TypeError, KeyError):
+            return json_response(400, {"error": {"message": "the body must be JSON with `messages`"}})
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            text = self.responder(messages, body)
         except ScriptedError as err:
             return json_response(err.status, {"error": {"message": str(err), "type": "scripted"}}, err.headers)
-        self.log.append((time.monotonic(), body["messages"][-1]["content"], body.get("seed")))
+        finally:
+            self.active -= 1
+        self.log.append((time.monotonic(), messages[-1]["content"], body.get("seed")))
         return json_response(200, _completion(body, text))
 
     # ----------------------------------------------------------- running in a thread (tests)
@@ -131,7 +141,8 @@ def _completion(body: dict, text: str) -> dict:
                               for j in range(top)]}
             for i, word in enumerate(text.split())
         ]}
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": logprobs}
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+              "logprobs": logprobs}
     return {
         "id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion", "created": int(time.time()),
         "model": body.get("model", "scripted"), "choices": [choice],

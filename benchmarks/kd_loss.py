@@ -1,0 +1,336 @@
+"""Fused chunked KD loss vs full logits, Liger's fused JSD and the GEMM floor.
+
+One forward+backward step of the LM-head distillation loss (JSD, beta 0.5, mixed
+with CE at alpha 0.5, mean over counted tokens) for each implementation, each in
+its own subprocess so its peak memory is its own:
+- naive:   full student and teacher logits + `distillation_loss` (plain path)
+- liger:   liger_kernel.chunked_loss.LigerFusedLinearJSDLoss, torch.compile'd,
+           same chunk size (benchmark-only dependency: pip install liger-kernel)
+- fused:   alambic.losses.fused.fused_distillation_loss, eager
+- fused-compiled: the same with compile=True
+- floor:   the same chunked matmuls with no loss (student logits, teacher
+           logits, grad of hidden, grad of weight): no implementation beats it
+Timings: median of --repeats steps after one warm-up step. The machine is shared,
+so each worker also times a floor step after each of its own steps; "norm"
+columns divide by that in-process floor, which cancels most load drift between
+subprocesses. Peak memory: extra resident memory of one step (see _common.py).
+
+    .venv/bin/python benchmarks/kd_loss.py --quick        # 1 small shape, a few minutes
+    .venv/bin/python benchmarks/kd_loss.py                # N in {1024, 4096} x V in {32000, 128256}
+    .venv/bin/python benchmarks/kd_loss.py --rows 1024 --vocab 32000 --impls naive fused floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    available_memory_mb,
+    machine_summary,
+    median,
+    median_seconds,
+    peak_step_memory_mb,
+    run_in_subprocess,
+)
+
+IMPLEMENTATIONS = ("naive", "liger", "fused", "fused-compiled", "floor")
+# Resident bytes of the naive step per logit, measured: ~13 fp32 [N, V] tensors live at once.
+NAIVE_BYTES_PER_LOGIT = 4 * 14
+
+
+def _inputs(config: dict):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    rows, width, vocab = config["rows"], config["hidden"], config["vocab"]
+    dtype = getattr(torch, config["dtype"])
+    device = config["device"]
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[torch.rand(rows, generator=generator) < 0.05] = -100  # a few ignored positions
+    return {
+        "hidden": tensor(rows, width).requires_grad_(),
+        "weight": tensor(vocab, width, scale=width**-0.5).requires_grad_(),
+        "teacher_hidden": tensor(rows, width),
+        "teacher_weight": tensor(vocab, width, scale=2 * width**-0.5),
+        "labels": labels.to(device),
+    }
+
+
+def _floor_step(inputs: dict, chunk: int):
+    import torch
+
+    hidden, weight = inputs["hidden"], inputs["weight"]
+    teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
+
+    def step():
+        with torch.no_grad():
+            grad_weight = None
+            for start in range(0, hidden.shape[0], chunk):
+                rows = hidden[start : start + chunk]
+                logits = rows @ weight.T
+                teacher_hidden[start : start + chunk] @ teacher_weight.T
+                logits @ weight  # gradient of the hidden states
+                if grad_weight is None:
+                    grad_weight = logits.T @ rows
+                else:
+                    grad_weight.addmm_(logits.T, rows)
+        return torch.zeros(())
+
+    return step
+
+
+def _loss_step(impl: str, inputs: dict, config: dict):
+    import torch
+
+    hidden, weight, labels = inputs["hidden"], inputs["weight"], inputs["labels"]
+    teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
+    options = {"objective": config["objective"], "alpha": config["alpha"], "beta": config["beta"]}
+    if impl == "naive":
+        from alambic.losses import distillation_loss
+
+        def forward():
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ teacher_weight.T
+            return distillation_loss(hidden @ weight.T, teacher_logits, labels, **options)["loss"]
+
+    elif impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(
+            weight_hard_loss=config["alpha"], weight_soft_loss=1 - config["alpha"], beta=config["beta"],
+            compiled=True, chunk_size=config["chunk"],
+        )
+
+        def forward():
+            return liger(hidden, weight, teacher_hidden, teacher_weight, labels)
+
+    else:
+        from alambic.losses.fused import fused_distillation_loss
+
+        def forward():
+            return fused_distillation_loss(
+                hidden, weight, None, labels, None, teacher_hidden=teacher_hidden,
+                teacher_head_weight=teacher_weight, chunk_size=config["chunk"],
+                compile=impl == "fused-compiled", reduction="mean", **options,
+            )["loss"]
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = forward()
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def worker(config: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    inputs = _inputs(config)
+    on_gpu = config["device"] == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    floor = _floor_step(inputs, config["chunk"])
+    step = floor if config["impl"] == "floor" else _loss_step(config["impl"], inputs, config)
+    start = time.perf_counter()
+    loss = float(step())
+    warmup_seconds = time.perf_counter() - start
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync()
+        memory_mb, method = (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda allocator"
+    else:
+        memory_mb, method = peak_step_memory_mb(step)
+    times, floor_times = [], []
+    for _ in range(config["repeats"]):
+        times += median_seconds(step, 1, sync)
+        if config["impl"] != "floor":
+            floor_times += median_seconds(floor, 1, sync)
+    floor_times = floor_times or times
+    return {
+        "seconds": median(times), "floor_seconds": median(floor_times), "times": times,
+        "memory_mb": memory_mb, "memory_method": method, "loss": loss, "warmup_seconds": warmup_seconds,
+    }
+
+
+def _skip_reason(impl: str, config: dict) -> str | None:
+    if impl == "liger":
+        if config["objective"] != "jsd":
+            return "Liger's fused loss here is JSD only"
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except Exception as error:  # any import failure means: not benchmarkable here
+            return f"liger-kernel does not import ({type(error).__name__}); pip install liger-kernel"
+    if impl == "naive" and config["device"] == "cpu":
+        needed = NAIVE_BYTES_PER_LOGIT * config["rows"] * config["vocab"] / 2**20
+        if needed > 0.8 * available_memory_mb():
+            return f"needs ~{needed / 1024:.0f} GB, {available_memory_mb() / 1024:.0f} GB available"
+    return None
+
+
+def _flops(config: dict) -> float:
+    # student logits, grad hidden, grad weight (3 x H_s) + teacher logits (H_t)
+    return 2 * config["rows"] * config["vocab"] * (3 * config["hidden"] + config["hidden"])
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _shape_rows(shape: tuple[int, int], results: dict, gpu: bool) -> list[str]:
+    """Markdown rows for one (N, V): raw and floor-normalised ratios per implementation."""
+    def get(impl, key):
+        entry = results.get((shape, impl), {})
+        return entry.get(key)
+
+    def normalised(impl):
+        return _ratio(get(impl, "seconds"), get(impl, "floor_seconds"))
+
+    lines = []
+    for impl in IMPLEMENTATIONS:
+        entry = results.get((shape, impl))
+        if entry is None:
+            continue
+        if "seconds" not in entry:
+            lines.append(f"| {shape[0]} | {shape[1]} | {impl} | {entry.get('error') or entry.get('skipped')} |||||||||")
+            continue
+        tflops = f" ({_flops(entry['config']) / entry['seconds'] / 1e12:.1f} TFLOP/s)" if gpu else ""
+        lines.append(
+            f"| {shape[0]} | {shape[1]} | {impl} | {entry['seconds']:.3f}{tflops} | {normalised(impl):.2f} "
+            f"| {entry['memory_mb']:.0f} | {entry['loss']:.5f} "
+            f"| {_fmt(_ratio(entry['seconds'], get('naive', 'seconds')))} / {_fmt(_ratio(normalised(impl), normalised('naive')))} "
+            f"| {_fmt(_ratio(entry['seconds'], get('liger', 'seconds')))} / {_fmt(_ratio(normalised(impl), normalised('liger')))} "
+            f"| {_fmt(_ratio(entry['memory_mb'], get('naive', 'memory_mb')), '{:.3f}')} "
+            f"| {_fmt(_ratio(entry['memory_mb'], get('liger', 'memory_mb')))} "
+            f"| {_fmt(_ratio(entry['floor_seconds'], entry['seconds']), '{:.0%}')} |"
+        )
+    return lines
+
+
+def _targets(shapes, results, impl: str) -> list[str]:
+    """The issue's targets for one implementation, each with its measured ratio."""
+    def value(shape, name, key):
+        return results.get((shape, name), {}).get(key)
+
+    def norm(shape, name):
+        return _ratio(value(shape, name, "seconds"), value(shape, name, "floor_seconds"))
+
+    lines = []
+    for shape in shapes:
+        checks = [
+            ("time <= 1.0x Liger (normalised)", _ratio(norm(shape, impl), norm(shape, "liger")), lambda r: r <= 1.0),
+            ("memory <= Liger", _ratio(value(shape, impl, "memory_mb"), value(shape, "liger", "memory_mb")), lambda r: r <= 1.0),
+            ("time <= 0.55x naive (normalised)", _ratio(norm(shape, impl), norm(shape, "naive")), lambda r: r <= 0.55),
+            (
+                f">= {80 if shape[1] <= 32000 else 60}% of GEMM floor",
+                _ratio(value(shape, impl, "floor_seconds"), value(shape, impl, "seconds")),
+                lambda r, v=shape[1]: r >= (0.8 if v <= 32000 else 0.6),
+            ),
+        ]
+        if shape[0] >= 4096 and shape[1] <= 32000:
+            checks.append(("memory >= 25x below naive", _ratio(value(shape, "naive", "memory_mb"), value(shape, impl, "memory_mb")), lambda r: r >= 25))
+        for name, ratio, passes in checks:
+            verdict = "n/a" if ratio is None else ("met" if passes(ratio) else "NOT met")
+            lines.append(f"| {impl} | N={shape[0]} V={shape[1]} | {name} | {_fmt(ratio, '{:.3f}')} | {verdict} |")
+    vocabs = sorted({v for _, v in shapes})
+    for vocab in vocabs:
+        rows = sorted(n for n, v in shapes if v == vocab)
+        if len(rows) >= 2:
+            growth = _ratio(value((rows[-1], vocab), impl, "memory_mb"), value((rows[0], vocab), impl, "memory_mb"))
+            verdict = "n/a" if growth is None else ("met" if growth <= 1.05 else "NOT met")
+            lines.append(f"| {impl} | V={vocab} | peak memory N={rows[0]} -> {rows[-1]} grows <= 5% | {_fmt(growth, '{:.3f}')} | {verdict} |")
+    return lines
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", help="token counts N (default 1024 4096; GPU 4096 8192)")
+    parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (default 32000 128256)")
+    parser.add_argument("--hidden", type=int, help="hidden size H of student and teacher (default 512; GPU 4096)")
+    parser.add_argument("--chunk", type=int, default=256, help="token chunk of fused, liger and floor")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--objective", default="jsd")
+    parser.add_argument("--alpha", type=float, default=0.5, help="CE weight (Liger's weight_hard_loss)")
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")
+    parser.add_argument("--quick", action="store_true", help="one small shape: N=512, H=256, V=8192, 3 repeats")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _run_grid(args) -> tuple[list, dict, bool]:
+    import torch
+
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rows = args.rows or ([512] if args.quick else [4096, 8192] if gpu else [1024, 4096])
+    vocabs = args.vocab or ([8192] if args.quick else [32000, 128256])
+    hidden = args.hidden or (256 if args.quick else 4096 if gpu else 512)
+    repeats = 3 if args.quick and args.repeats == 5 else args.repeats
+    shapes = [(n, v) for v in vocabs for n in rows]
+    results = {}
+    for shape in shapes:
+        for impl in args.impls:
+            config = {
+                "impl": impl, "rows": shape[0], "vocab": shape[1], "hidden": hidden, "chunk": args.chunk,
+                "objective": args.objective, "alpha": args.alpha, "beta": args.beta, "repeats": repeats,
+                "device": "cuda" if gpu else "cpu", "dtype": "bfloat16" if gpu else "float32",
+            }
+            reason = _skip_reason(impl, config)
+            entry = {"skipped": f"skipped: {reason}"} if reason else run_in_subprocess(Path(__file__), config, args.timeout)
+            entry["config"] = config
+            results[(shape, impl)] = entry
+            summary = entry.get("skipped") or entry.get("error") or (
+                f"{entry['seconds']:.3f} s (floor in process {entry['floor_seconds']:.3f} s), "
+                f"{entry['memory_mb']:.0f} MB, loss {entry['loss']:.5f}, warm-up {entry['warmup_seconds']:.1f} s"
+            )
+            print(f"N={shape[0]:5d} V={shape[1]:6d} H={hidden} {impl:15s} {summary}", flush=True)
+    return shapes, results, gpu
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    print("\n".join(machine_summary()), flush=True)
+    started = time.time()
+    shapes, results, gpu = _run_grid(args)
+    print(f"\nwall time {time.time() - started:.0f} s; machine load now: {machine_summary()[-1]}\n")
+    print("time: median s per forward+backward; norm: time / floor step timed in the same process;")
+    print("ratios: raw / normalised time, memory = peak extra resident MB of one step\n")
+    print("| N | V | impl | time s | norm | peak MB | loss | time vs naive | time vs liger | mem vs naive | mem vs liger | floor / time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        print("\n".join(_shape_rows(shape, results, gpu)))
+    for impl in ("fused", "fused-compiled"):
+        if impl in args.impls:
+            print(f"\n| impl | shape | target | measured | verdict |\n|---|---|---|---|---|")
+            print("\n".join(_targets(shapes, results, impl)))
+    if "fused" in args.impls and "fused-compiled" in args.impls:
+        for shape in shapes:
+            eager, compiled = results[(shape, "fused")], results[(shape, "fused-compiled")]
+            ratio = _ratio(_ratio(eager.get("seconds"), eager.get("floor_seconds")), _ratio(compiled.get("seconds"), compiled.get("floor_seconds")))
+            print(f"eager / compiled (normalised) at N={shape[0]} V={shape[1]}: {_fmt(ratio)} (target <= 1.30)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Run the eager per-block loss math of a chunk on CPU worker threads.
+
+Why threads and not torch's own intra-op parallelism: the eager math issues ~40
+small ops per block, and each op over more than 32k elements opens an OpenMP
+parallel region that ends in a barrier. When other processes compete for the
+cores, a descheduled OpenMP worker stalls every barrier; on a shared 2-core
+machine this made the loss math 5-10x slower than single-threaded. Here each
+worker thread runs its blocks with one intra-op thread (no barriers), and the
+workers only meet once per chunk. Cache-sized blocks also keep every pass in L2.
+
+Block rows are sized so one block of fp32 logits is about EAGER_BLOCK_ELEMENTS.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from alambic.losses.fused_kernels import LossSpec, Scratch, block_loss_and_grad
+
+# ~512 KiB of fp32 per block tensor: the live temporaries of a block stay in L2/L3.
+EAGER_BLOCK_ELEMENTS = 1 << 17
+# Enough for the largest objective (T != 1, -inf clamping, a separate CE softmax).
+SCRATCH_BUFFERS = 12
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_pool_lock = threading.Lock()
+
+
+def _one_intra_op_thread() -> None:
+    # OpenMP thread counts are per thread, so this leaves the caller's GEMMs parallel.
+    torch.set_num_threads(1)
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            caller_threads = torch.get_num_threads()
+            _pool = ThreadPoolExecutor(workers, "alambic-fused-loss", initializer=_one_intra_op_thread)
+            _pool_workers = workers
+            # Start every worker now (the barrier needs them all), then restore the
+            # process default that set_num_threads also changed for threads torch meets later.
+            barrier = threading.Barrier(workers)
+            list(_pool.map(lambda _: barrier.wait(), range(workers)))
+            torch.set_num_threads(caller_threads)
+        return _pool
+
+
+def _run_blocks(logits, teacher_logits, labels, spec: LossSpec, starts, block_rows):
+    kd_sum = logits.new_zeros(())
+    ce_sum = logits.new_zeros(())
+    scratch = None
+    if logits.device.type == "cpu":
+        capacity = min(block_rows, logits.shape[0]) * logits.shape[1]
+        scratch = Scratch(logits.new_empty(SCRATCH_BUFFERS, capacity))
+    with torch.no_grad():  # grad mode is per thread; nothing here needs a graph
+        for start in starts:
+            _run_block(logits, teacher_logits, labels, spec, start, start + block_rows, scratch, (kd_sum, ce_sum))
+    return kd_sum, ce_sum
+
+
+def _run_block(logits, teacher_logits, labels, spec, start, stop, scratch, sums):
+    block = logits[start:stop]
+    kd, ce, _ = block_loss_and_grad(
+        block,
+        None if teacher_logits is None else teacher_logits[start:stop],
+        None if labels is None else labels[start:stop],
+        spec,
+        out=block,
+        scratch=scratch,
+    )
+    kd_sum, ce_sum = sums
+    kd_sum += kd
+    ce_sum += ce
+
+
+def eager_chunk_loss_and_grad(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KD sum, CE sum, gradient) of a chunk; the gradient overwrites `logits`."""
+    rows = logits.shape[0]
+    if logits.device.type != "cpu":
+        # On accelerators big kernels win: the whole chunk is one block.
+        return _run_blocks(logits, teacher_logits, labels, spec, [0], rows) + (logits,)
+    block_rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[1])
+    starts = list(range(0, rows, block_rows))
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        return _run_blocks(logits, teacher_logits, labels, spec, starts, block_rows) + (logits,)
+    pool = _worker_pool(torch.get_num_threads())
+    # Interleaved blocks balance the workers whatever the number of rows.
+    futures = [
+        pool.submit(_run_blocks, logits, teacher_logits, labels, spec, starts[index::workers], block_rows)
+        for index in range(workers)
+    ]
+    sums = [future.result() for future in futures]
+    kd_sum = torch.stack([kd for kd, _ in sums]).sum()
+    ce_sum = torch.stack([ce for _, ce in sums]).sum()
+    return kd_sum, ce_sum, logits

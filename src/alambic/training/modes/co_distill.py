@@ -1,0 +1,164 @@
+"""Co-distillation / online distillation (`co_distill:`): models that teach each other as they train.
+
+The student and the `peers` train together in one loop with one optimizer: the
+peers live in `student.auxiliary`. Every model's teacher is the mixture of the
+other models' current predictions at the loss temperature, detached (deep
+mutual learning, Zhang et al. 2018; codistillation, Anil et al. 2018), and its
+loss is the run's loss (objective, temperature, alpha = hard-label CE weight):
+
+- the student: through the loop's logit loss, with `CoDistillTeacher` as source;
+- each peer: through `PeerTerm`, scaled by co_distill.weight.
+
+At the end of the run each peer is saved next to the student:
+run_dir/peers/peer-<k>/ (safetensors + tokenizer).
+
+    alambic distill configs/co_distill.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alambic.config import ModelConfig
+from alambic.data import IGNORE
+from alambic.errors import ConfigError
+from alambic.models import check_tokenizers_compatible, load_model, load_tokenizer
+from alambic.teachers.base import SignalRequest, TeacherSignal
+from alambic.teachers.ensemble import mixture_logits
+from alambic.training.checkpoint import fsync_dir
+from alambic.training.module import StudentModule
+from alambic.training.objective import loss_options, student_module
+
+PEERS_KEY = "peers"
+PEER_LOGITS = "_peer_logits"
+
+
+def mean_mixture(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Detached logits whose softmax at T is the mean of these models' distributions."""
+    logprobs = torch.stack([torch.log_softmax(one.detach().float() / temperature, -1) for one in logits])
+    weights = torch.full(logprobs.shape[:-1], 1.0 / len(logits), device=logprobs.device)
+    return mixture_logits(logprobs, weights, temperature)
+
+
+def others_mixture(logits: list[torch.Tensor], index: int, temperature: float) -> torch.Tensor:
+    """The target of model `index`: the mean distribution of all the other models, detached."""
+    return mean_mixture([model_logits for k, model_logits in enumerate(logits) if k != index], temperature)
+
+
+class CoDistillTeacher:
+    """The student's signal source: runs every peer (with gradients, for the peers' own loss)
+    and hands the student the peers' detached mixture."""
+
+    name = "co-distillation peers"
+
+    def __init__(self, student: StudentModule, temperature: float):
+        self.student = student
+        self.temperature = temperature
+
+    def __call__(self, batch: dict, request: SignalRequest | None = None) -> TeacherSignal:
+        peers = self.student.auxiliary[PEERS_KEY]
+        inputs = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        logits = [peer(*inputs)["logits"] for peer in peers]
+        batch[PEER_LOGITS] = logits  # the peers' loss (PeerTerm) reuses this forward
+        return TeacherSignal(logits=mean_mixture(logits, self.temperature))
+
+
+def _student_logits(module: StudentModule, outputs: dict) -> torch.Tensor:
+    """The student's logits for the peers' targets; the fused path only built hidden states."""
+    if outputs.get("logits") is not None:
+        return outputs["logits"].detach()
+    with torch.no_grad():
+        weight, bias = module.head_parameters()
+        return torch.nn.functional.linear(outputs["hidden"], weight, bias)
+
+
+class PeerTerm:
+    """Each peer's loss against the mixture of all other models (the student included)."""
+
+    def __init__(self, task: str, weight: float, options: dict):
+        self.task, self.weight, self.options = task, weight, options
+
+    def __call__(self, student, batch: dict, teacher) -> dict:
+        from alambic.losses import per_token_distillation_loss
+
+        module = student_module(student)
+        peer_logits = batch.pop(PEER_LOGITS)
+        models = [_student_logits(module, batch["_student_outputs"])] + list(peer_logits)
+        total = 0.0
+        for index in range(1, len(models)):
+            target = others_mixture(models, index, self.options["temperature"])
+            if self.task == "sequence_classification":
+                per = per_token_distillation_loss(models[index], target, batch["labels"], **self.options)
+                total = total + per["loss"].sum()
+            else:
+                labels = batch["labels"][:, 1:]
+                mask = labels != IGNORE
+                per = per_token_distillation_loss(models[index][:, :-1], target[:, :-1], labels, **self.options)
+                total = total + (per["loss"] * mask).sum()
+        scaled = self.weight * total
+        return {"loss": scaled, "peer_loss": scaled}
+
+
+class SavePeers:
+    """after_train hook: each peer's model and the tokenizer in run_dir/peers/peer-<k>, written atomically."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, student_module_, run_dir) -> None:
+        root = Path(run_dir) / "peers"
+        root.mkdir(parents=True, exist_ok=True)
+        for index, peer in enumerate(student_module_.auxiliary[PEERS_KEY]):
+            final = root / f"peer-{index}"
+            temporary = root / f".tmp-peer-{index}-{os.getpid()}"
+            shutil.rmtree(temporary, ignore_errors=True)
+            peer.model.save_pretrained(temporary, safe_serialization=True)
+            self.tokenizer.save_pretrained(temporary)
+            fsync_dir(temporary)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+        fsync_dir(root)
+
+
+def _load_peer(path: str, index: int, setup, config) -> StudentModule:
+    role = f"co_distill.peers[{index}]"
+    peer_cfg = ModelConfig(model=path, num_labels=config.student.num_labels)
+    model = load_model(peer_cfg, config.task, role=role)
+    if config.task == "causal_lm":
+        check_tokenizers_compatible(load_tokenizer(peer_cfg, role=role), setup.tokenizer, model, setup.student.model)
+    elif model.config.num_labels != setup.student.model.config.num_labels:
+        raise ConfigError(
+            f"{role} classifies into {model.config.num_labels} classes and the student into "
+            f"{setup.student.model.config.num_labels}",
+            "every peer must predict the student's classes",
+        )
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return StudentModule(model.train(), setup.vocab_size)
+
+
+def configure(setup, config) -> None:
+    co_cfg = config.co_distill
+    if co_cfg is None:
+        return
+    for name, present in (("teacher", config.teacher is not None), ("teachers", bool(config.teachers)),
+                          ("cross_tokenizer", config.cross_tokenizer is not None)):
+        if present:
+            raise ConfigError(
+                f"co_distill is set together with {name}: in co-distillation the models teach each other",
+                f"remove {name} (or co_distill)",
+            )
+    if setup.teacher is not None:  # another mode (self-distillation) already chose the teacher
+        raise ConfigError("co_distill cannot be combined with a self_distill teacher", "set self_distill.teacher: none")
+    peers = nn.ModuleList(_load_peer(path, k, setup, config) for k, path in enumerate(co_cfg.peers))
+    setup.student.auxiliary[PEERS_KEY] = peers
+    setup.teacher = CoDistillTeacher(setup.student, config.loss.temperature)
+    setup.teacher_name = f"co-distillation with {len(peers)} peer(s): {', '.join(co_cfg.peers)}"
+    setup.teacher_evaluable = False  # the peers change every step: held-out KL to them means little
+    setup.extra_terms.append(PeerTerm(config.task, co_cfg.weight, loss_options(config.loss)))
+    setup.after_train.append(SavePeers(setup.tokenizer))

@@ -1,0 +1,249 @@
+"""MiniLLM-style policy optimisation of the sequence-level reverse KL (Gu et al., ICLR 2024).
+
+Objective: KL(q || p) over whole completions, q the student and p the teacher.
+Its gradient splits into (with r_t = log p(y_t | y_<t) - log q(y_t | y_<t)):
+
+- the single-step term, sum_t grad KL(q(. | y_<t) || p(. | y_<t)): the token-level
+  reverse KL over the full vocabulary at every sampled prefix. It is the loop's
+  normal loss (loss.objective: reverse_kl) on the sampled batch, weighted per
+  token by the importance weights in batch["token_weight"];
+- the long-term term, - sum_t w_t R_{t+1} grad log q(y_t), a policy gradient whose
+  return R_{t+1} sums the future rewards (their per-sequence mean with
+  `rollout.length_normalize`, the paper's length normalisation). It is an extra
+  loss term computed here.
+
+Sampling (the rollout) draws each token from the mixture (1 - a) q + a p
+(a = rollout.teacher_mix, the paper's teacher-mixed sampling) with both models'
+KV caches. Importance weights correct for it: `importance: token` uses each
+token's q / mixture ratio (the paper's low-variance approximation, biased when
+a > 0); `importance: sequence` uses the product over the whole sample, which
+makes the gradient unbiased (tested against the analytic one).
+
+Simplifications against the paper: one gradient step per batch of samples, so
+no PPO ratio clipping; no value baseline or reward scaling; no separate
+pretraining-corpus loss (mix an off-policy run in if the student drifts).
+
+    alambic distill configs/minillm.yaml
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from alambic.data import IGNORE
+from alambic.training.modes.rollouts import (
+    eval_mode, left_pad, prompt_lengths, rebuild_batch, rollout_seed, split_prompts,
+)
+
+
+def mixture_log_probs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_mix: float) -> torch.Tensor:
+    """log((1 - a) q + a p), stably."""
+    if teacher_mix <= 0.0:
+        return student_logprobs
+    stacked = torch.stack([student_logprobs + math.log(1.0 - teacher_mix), teacher_logprobs + math.log(teacher_mix)])
+    return torch.logsumexp(stacked, dim=0)
+
+
+@dataclass
+class MixtureSamples:
+    """Sampled completions and, per sampled token, log q (student), log p (teacher) and log mixture."""
+
+    tokens: list[list[int]]
+    student_logprob: list[list[float]]
+    teacher_logprob: list[list[float]]
+    sampling_logprob: list[list[float]]
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x calls the KV cache `cache`; 4.x called it `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _next_logprobs(model, cache, step_ids, attention_mask, positions, vocab_size):
+    name = _cache_argument(model)
+    out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                **{name: cache})
+    logits = out.logits[:, -1].float()
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    return F.log_softmax(logits, dim=-1), getattr(out, name)
+
+
+@torch.no_grad()
+def sample_from_mixture(student_model, teacher_model, prompts: list[list[int]], *, max_new_tokens: int,
+                        teacher_mix: float, pad_id: int, eos_id: int | None, seed: int,
+                        vocab_size: int | None = None) -> MixtureSamples:
+    """Token-by-token sampling from (1 - a) q + a p, both models advancing their own KV cache."""
+    device = next(student_model.parameters()).device
+    step_ids, attention_mask = left_pad(prompts, pad_id, device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    caches: list = [None, None]
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    columns: dict[str, list[torch.Tensor]] = {"token": [], "student": [], "teacher": [], "sampling": [], "alive": []}
+    with eval_mode(student_model, teacher_model):
+        for _ in range(max_new_tokens):
+            student_lp, caches[0] = _next_logprobs(student_model, caches[0], step_ids, attention_mask, positions, vocab_size)
+            teacher_lp, caches[1] = _next_logprobs(teacher_model, caches[1], step_ids, attention_mask, positions, vocab_size)
+            sampling_lp = mixture_log_probs(student_lp, teacher_lp, teacher_mix)
+            token = torch.multinomial(sampling_lp.exp(), 1, generator=generator)
+            for name, values in (("student", student_lp), ("teacher", teacher_lp), ("sampling", sampling_lp)):
+                columns[name].append(values.gather(-1, token).squeeze(-1))
+            token = token.squeeze(-1)
+            columns["token"].append(token)
+            columns["alive"].append(alive.clone())
+            if eos_id is not None:
+                alive = alive & (token != eos_id)
+            if not alive.any():
+                break
+            step_ids = torch.where(alive, token, torch.full_like(token, pad_id)).unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=-1)
+            positions = positions[:, -1:] + 1
+    return _collect(columns)
+
+
+def _collect(columns: dict[str, list[torch.Tensor]]) -> MixtureSamples:
+    stacked = {name: torch.stack(values, dim=1).tolist() for name, values in columns.items()}
+    kept = [[j for j, alive in enumerate(row) if alive] for row in stacked["alive"]]
+
+    def pick(name):
+        return [[stacked[name][i][j] for j in keep] for i, keep in enumerate(kept)]
+
+    return MixtureSamples(pick("token"), pick("student"), pick("teacher"), pick("sampling"))
+
+
+# ----------------------------------------------------------------------------- the estimator
+
+
+def importance_weights(student_logprob: torch.Tensor, sampling_logprob: torch.Tensor, mask: torch.Tensor,
+                       kind: str = "token") -> torch.Tensor:
+    """Weights that turn mixture samples into student samples: per token q/mix, or the sequence product."""
+    mask = mask.float()
+    log_ratio = (student_logprob.detach() - sampling_logprob) * mask
+    if kind == "token":
+        return log_ratio.exp() * mask
+    return log_ratio.sum(-1, keepdim=True).exp() * mask
+
+
+def future_returns(rewards: torch.Tensor, mask: torch.Tensor, length_normalize: bool) -> torch.Tensor:
+    """R_{t+1}: the sum of the rewards after position t, or their mean (length normalisation)."""
+    mask = mask.float()
+    rewards = rewards * mask
+    future = rewards.flip(-1).cumsum(-1).flip(-1) - rewards
+    if length_normalize:
+        remaining = mask.flip(-1).cumsum(-1).flip(-1) - mask
+        future = future / remaining.clamp_min(1.0)
+    return future
+
+
+def leave_one_out_baseline(returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the mean return of the *other* sequences of the batch.
+
+    Subtracting it leaves the policy gradient unbiased (it does not depend on the
+    sequence's own samples) and removes most of its variance: without it every
+    return is negative early in training and the gradient is mostly noise.
+    """
+    mask = mask.float()
+    sums, counts = (returns * mask).sum(-1), mask.sum(-1)
+    others = (counts.sum() - counts).clamp_min(1.0)
+    return ((sums.sum() - sums) / others).unsqueeze(-1)
+
+
+def long_term_surrogate(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, weights: torch.Tensor,
+                        mask: torch.Tensor, length_normalize: bool) -> torch.Tensor:
+    """Per-token - w_t (R_{t+1} - b) log q(y_t): its gradient is the long-term part of grad KL(q || p)."""
+    rewards = teacher_logprob - student_logprob.detach()
+    returns = future_returns(rewards, mask, length_normalize)
+    advantage = (weights * (returns - leave_one_out_baseline(returns, mask))).detach()
+    return -advantage * student_logprob * mask.float()
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+
+def long_term_term(student, batch: dict, teacher, length_normalize: bool = True) -> dict:
+    """Extra loss term (sums over the sampled tokens) for batches the MiniLLM rollout produced."""
+    if "rollout_teacher_logprob" not in batch:
+        zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
+        return {"loss": zero}
+    logits = student(batch["input_ids"], batch["attention_mask"])["logits"][:, :-1]
+    labels = batch["labels"][:, 1:]
+    per_token = long_term_surrogate(
+        _token_logprobs(logits, labels), batch["rollout_teacher_logprob"][:, 1:], batch["token_weight"][:, 1:],
+        labels != IGNORE, length_normalize,
+    )
+    total = per_token.sum()
+    return {"loss": total, "minillm_long_term": total.detach()}
+
+
+# ----------------------------------------------------------------------------- the rollout
+
+
+def _per_position(values: list[list[float]], prompts: list[list[int]], shape, device) -> torch.Tensor:
+    """Per-token values placed at their tokens' positions in the rebuilt batch (0 elsewhere)."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, (row, prompt) in enumerate(zip(values, prompts)):
+        out[i, len(prompt) : len(prompt) + len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
+
+
+class MiniLLMRollout:
+    """Every batch: completions sampled from the student/teacher mixture, with what the loss needs."""
+
+    def __init__(self, setup, config):
+        data = config.data
+        self.student_model = setup.student.model
+        self.teacher_model = setup.teacher_model
+        self.options = config.rollout
+        self.seed = config.train.seed
+        self.prompt_from_labels = data.format in ("prompt_completion", "messages") and not data.train_on_prompt
+        self.pad_id = setup.tokenizer.pad_token_id
+        self.eos_id = setup.tokenizer.eos_token_id
+        self.vocab_size = setup.vocab_size
+
+    def __call__(self, batch: dict, step: int) -> dict:
+        prompts = split_prompts(batch, prompt_lengths(batch, self.prompt_from_labels, self.options.prompt_fraction))
+        samples = sample_from_mixture(
+            self.student_model, self.teacher_model, prompts, max_new_tokens=self.options.max_new_tokens,
+            teacher_mix=self.options.teacher_mix, pad_id=self.pad_id, eos_id=self.eos_id,
+            seed=rollout_seed(self.seed, step, batch), vocab_size=self.vocab_size,
+        )
+        new = rebuild_batch(batch, prompts, samples.tokens, self.pad_id)
+        shape, device = new["input_ids"].shape, new["input_ids"].device
+        student_lp = _per_position(samples.student_logprob, prompts, shape, device)
+        sampling_lp = _per_position(samples.sampling_logprob, prompts, shape, device)
+        new["rollout_teacher_logprob"] = _per_position(samples.teacher_logprob, prompts, shape, device)
+        new["token_weight"] = importance_weights(student_lp, sampling_lp, new["labels"] != IGNORE, self.options.importance)
+        return new
+
+
+def configure_minillm(setup, config) -> MiniLLMRollout:
+    setup.extra_terms.append(partial(long_term_term, length_normalize=config.rollout.length_normalize))
+    return MiniLLMRollout(setup, config)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def estimate_sequence_reverse_kl(student_model, teacher_model, prompts: list[list[int]], *, max_new_tokens: int,
+                                 pad_id: int, eos_id: int | None, seed: int, vocab_size: int | None = None) -> dict:
+    """Monte-Carlo KL(q || p) of student samples, and the teacher's log-likelihood of them (exposure bias)."""
+    samples = sample_from_mixture(
+        student_model, teacher_model, prompts, max_new_tokens=max_new_tokens, teacher_mix=0.0,
+        pad_id=pad_id, eos_id=eos_id, seed=seed, vocab_size=vocab_size,
+    )
+    per_sequence = [sum(q) - sum(p) for q, p in zip(samples.student_logprob, samples.teacher_logprob)]
+    tokens = sum(len(row) for row in samples.tokens)
+    return {
+        "reverse_kl_per_sequence": sum(per_sequence) / len(per_sequence),
+        "reverse_kl_per_token": sum(per_sequence) / max(tokens, 1),
+        "teacher_logprob_per_token": sum(sum(p) for p in samples.teacher_logprob) / max(tokens, 1),
+        "tokens": tokens,
+    }
