@@ -149,9 +149,10 @@ def markdown(report: dict) -> str:
              f"rollouts of {report['max_new_tokens']} new tokens after the first half of each 128-token row.", ""]
     lines += table(report)
     lines += ["", "Rows `teacher` and `student_init` are references (no training). Higher teacher log-likelihood of the "
-              "student's own samples = less exposure bias. The cores are shared with other jobs, so the number of steps "
-              "each method fits in its budget varies from run to run; the comparison is at equal wall time, not equal steps.",
-              END]
+              "student's own samples = less exposure bias, but low-entropy (repetitive) samples also score high, so read it "
+              "with the sample reverse KL (Monte-Carlo KL(student ‖ teacher) per token on those samples; lower is better). "
+              "The cores are shared with other jobs, so the number of steps each method fits in its budget varies from run "
+              "to run; the comparison is at equal wall time, not equal steps.", END]
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +194,8 @@ def main() -> None:
 
     from alambic.data.files import read_records
 
-    report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "budget_s": budget,
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    report = {"command": f"{threads}python " + " ".join(sys.argv), "machine": machine(), "budget_s": budget,
               "max_new_tokens": args.max_new_tokens, "rows": {}}
     paths = prepare(args.workdir)
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])

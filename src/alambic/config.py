@@ -90,6 +90,10 @@ class DataConfig(Strict):
     train_on_prompt: bool = Field(False, description="also compute the loss on prompt / non-assistant tokens")
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     weight_column: str | None = Field(None, description="per-record loss weight (e.g. multi-task mixing)")
+    logprobs_column: str | None = Field(
+        None, description="prompt_completion: per-token teacher logprobs (alambic generate's completion_logprobs) "
+        "used as soft targets when there is no teacher section",
+    )
 
 
 class LossConfig(Strict):

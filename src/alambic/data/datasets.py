@@ -17,6 +17,7 @@ import torch
 from alambic.config import DataConfig
 from alambic.data.files import read_records
 from alambic.data.formats import ENCODERS, IGNORE
+from alambic.data.soft_targets import collate_soft_targets, report_soft_targets
 from alambic.errors import DataError
 
 
@@ -75,12 +76,16 @@ def _fingerprint(records: list[dict], data_cfg: DataConfig, tokenizer) -> str:
 
 def tokenize_records(records: list[dict], tokenizer, data_cfg: DataConfig, source: str) -> list[dict]:
     encode = ENCODERS[data_cfg.format]
-    rows = []
+    rows, soft_statuses = [], []
     for index, record in enumerate(records):
         row = encode(record, tokenizer, data_cfg, source, index)
+        if "soft_targets" in row:
+            soft_statuses.append(row.pop("soft_targets"))
         if data_cfg.weight_column is not None:
             row["weight"] = float(record.get(data_cfg.weight_column, 1.0))
         rows.append(row)
+    if soft_statuses:
+        report_soft_targets(soft_statuses, source, data_cfg.logprobs_column)
     if data_cfg.packing:
         if data_cfg.format == "classification":
             raise DataError("data.packing does not apply to classification", "set data.packing: false")
@@ -151,6 +156,8 @@ def collate(rows: list[dict], pad_token_id: int, row_indices: list[int] | None =
         batch["position_ids"] = positions
     if "weight" in rows[0]:
         batch["weight"] = torch.tensor([r.get("weight", 1.0) for r in rows], dtype=torch.float32)
+    if any("topk_ids" in r for r in rows):  # teacher logprobs stored in the records (data.logprobs_column)
+        batch.update(collate_soft_targets(rows, length))
     if row_indices is not None:
         batch["row_index"] = torch.tensor(row_indices, dtype=torch.long)
     return batch

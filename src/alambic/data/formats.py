@@ -8,6 +8,7 @@ turns, padding). The loop shifts them when it predicts the next token.
 from __future__ import annotations
 
 from alambic.config import DataConfig
+from alambic.data.soft_targets import soft_targets_for
 from alambic.errors import DataError
 
 IGNORE = -100
@@ -47,12 +48,17 @@ def encode_prompt_completion(record, tokenizer, data_cfg, source, index):
     if tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
     completion_ids = _ids(tokenizer, completion)
-    if tokenizer.eos_token_id is not None:
+    soft = None
+    if data_cfg.logprobs_column is not None:  # the teacher's own tokens, each with its top-k
+        soft = soft_targets_for(record, data_cfg.logprobs_column, completion, tokenizer, f"{source}: record {index}")
+        completion_ids = soft.completion_ids if soft.usable else completion_ids
+    if tokenizer.eos_token_id is not None and not (soft is not None and soft.ends_with_eos):
         completion_ids = [*completion_ids, tokenizer.eos_token_id]
     ids = (prompt_ids + completion_ids)[: data_cfg.max_length]
     prompt_labels = list(prompt_ids) if data_cfg.train_on_prompt else [IGNORE] * len(prompt_ids)
     labels = (prompt_labels + completion_ids)[: data_cfg.max_length]
-    return {"input_ids": ids, "labels": labels}
+    row = {"input_ids": ids, "labels": labels}
+    return soft.attach(row, len(prompt_ids)) if soft is not None else row
 
 
 def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

@@ -11,6 +11,7 @@ from alambic.losses.divergences import (
     token_divergence,
 )
 from alambic.losses.sparse import fused_sparse_distillation_loss, sparse_per_token_distillation_loss, sparse_token_divergence  # noqa: F401
+from alambic.losses.fused import fused_distillation_loss  # noqa: F401
 
 __all__ = [
     "OBJECTIVES",

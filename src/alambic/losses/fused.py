@@ -30,6 +30,7 @@ from alambic.losses.divergences import OBJECTIVES
 from alambic.losses.fused_kernels import IGNORE_INDEX, LossSpec, compiled_block_loss_and_grad
 from alambic.losses.fused_threads import eager_chunk_loss_and_grad
 
+
 @dataclass
 class _Plan:
     """Everything the autograd function needs besides the student's tensors."""
@@ -43,9 +44,9 @@ class _Plan:
     teacher_weight: torch.Tensor | None
     teacher_bias: torch.Tensor | None
     teacher_logits: torch.Tensor | None
-    chunk_size: int
-    compiled: bool
-    scale: float  # 1 for "sum", 1 / count for "mean"
+    chunk_size: int = 1024
+    compiled: bool = False
+    scale: float = 1.0  # 1 for "sum", 1 / count for "mean"
 
 
 def _select(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -221,7 +222,8 @@ def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_we
             hint="pass both, or teacher_logits instead",
         )
     if teacher_weight is not None:
-        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != rows or teacher_hidden.shape[1] != teacher_weight.shape[1]:
+        fits = teacher_hidden.dim() == 2 and teacher_hidden.shape[0] == rows
+        if not fits or teacher_hidden.shape[1] != teacher_weight.shape[1]:
             raise ModelError(
                 f"teacher hidden states {tuple(teacher_hidden.shape)} do not fit {rows} tokens and the "
                 f"teacher head {tuple(teacher_weight.shape)}"
@@ -240,7 +242,7 @@ def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_we
         )
 
 
-def _counted_rows(labels, mask, total_rows) -> torch.Tensor | None:
+def _counted_rows(labels, mask) -> torch.Tensor | None:
     if mask is None and labels is not None:
         mask = labels != IGNORE_INDEX
     if mask is None:
@@ -258,6 +260,35 @@ def _check_labels(labels: torch.Tensor, vocab: int) -> None:
             f"labels hold {int(wrong.sum())} ids outside [0, {vocab}) that are not {IGNORE_INDEX}",
             hint=f"use {IGNORE_INDEX} for positions without a label; check that the tokenizer matches the model",
         )
+
+
+def _make_plan(hidden, vocab: int, labels, mask, teacher: dict, alpha: float, options: dict) -> _Plan:
+    """Counted rows, loss weights and teacher source, as per_token_distillation_loss defines them."""
+    has_teacher = teacher["weight"] is not None or teacher["logits"] is not None
+    rows = _counted_rows(labels, mask)
+    use_ce = labels is not None and (alpha > 0.0 or not has_teacher)
+    counted_labels = None
+    if use_ce:
+        counted_labels = labels if rows is None else labels.index_select(0, rows)
+        _check_labels(counted_labels, vocab)
+    spec = LossSpec(
+        **options,
+        kd_weight=(1.0 - alpha) if has_teacher and alpha < 1.0 else 0.0,
+        ce_weight=(alpha if has_teacher else 1.0) if use_ce else 0.0,
+        labels_may_be_ignored=use_ce and mask is not None and bool((counted_labels == IGNORE_INDEX).any()),
+        teacher_may_be_infinite=teacher["logits"] is not None,
+    )
+    return _Plan(
+        spec=spec,
+        rows=rows,
+        row_count=hidden.shape[0] if rows is None else rows.numel(),
+        total_rows=hidden.shape[0],
+        labels=counted_labels,
+        teacher_hidden=teacher["hidden"],
+        teacher_weight=teacher["weight"],
+        teacher_bias=teacher["bias"],
+        teacher_logits=teacher["logits"],
+    )
 
 
 def fused_distillation_loss(
@@ -297,39 +328,16 @@ def fused_distillation_loss(
         student_hidden, student_head_weight, student_head_bias, labels, mask,
         teacher_hidden, teacher_head_weight, teacher_head_bias, teacher_logits,
     )
-    has_teacher = teacher_head_weight is not None or teacher_logits is not None
-    total_rows = student_hidden.shape[0]
-    rows = _counted_rows(labels, mask, total_rows)
-    row_count = total_rows if rows is None else rows.numel()
-    counted_labels = None
-    use_ce = labels is not None and (alpha > 0.0 or not has_teacher)
-    if use_ce:
-        counted_labels = labels if rows is None else labels.index_select(0, rows)
-        _check_labels(counted_labels, student_head_weight.shape[0])
-    spec = LossSpec(
-        objective=objective,
-        temperature=float(temperature),
-        beta=float(beta),
-        skew_alpha=float(skew_alpha),
-        top_k=top_k,
-        kd_weight=(1.0 - alpha) if has_teacher and alpha < 1.0 else 0.0,
-        ce_weight=(alpha if has_teacher else 1.0) if use_ce else 0.0,
-        labels_may_be_ignored=use_ce and mask is not None and bool((counted_labels == IGNORE_INDEX).any()),
-        teacher_may_be_infinite=teacher_logits is not None,
-    )
-    plan = _Plan(
-        spec=spec,
-        rows=rows,
-        row_count=row_count,
-        total_rows=total_rows,
-        labels=counted_labels,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_head_weight,
-        teacher_bias=teacher_head_bias,
-        teacher_logits=teacher_logits,
-        chunk_size=chunk_size,
-        compiled=compile,
-        scale=1.0 / max(row_count, 1) if reduction == "mean" else 1.0,
-    )
+    teacher = {
+        "hidden": teacher_hidden, "weight": teacher_head_weight, "bias": teacher_head_bias, "logits": teacher_logits,
+    }
+    options = {
+        "objective": objective, "temperature": float(temperature), "beta": float(beta),
+        "skew_alpha": float(skew_alpha), "top_k": top_k,
+    }
+    plan = _make_plan(student_hidden, student_head_weight.shape[0], labels, mask, teacher, alpha, options)
+    plan.chunk_size, plan.compiled = chunk_size, compile
+    if reduction == "mean":
+        plan.scale = 1.0 / max(plan.row_count, 1)
     loss, kd, ce = _FusedHeadDistillation.apply(student_hidden, student_head_weight, student_head_bias, plan)
     return {"loss": loss, "kd": kd, "ce": ce}

@@ -63,39 +63,6 @@ class LossSpec:
         return self.ce_weight != 0.0
 
 
-class Scratch:
-    """Preallocated buffers for the [rows, vocab] temporaries of one block.
-
-    Fresh multi-hundred-KB CPU tensors come from mmap and page-fault on first
-    touch, which cost more than the math; the eager path therefore hands each
-    worker one Scratch and every big temporary is written into the next buffer.
-    `take` returns None when no buffer fits, and torch then allocates as usual.
-    """
-
-    def __init__(self, buffers: torch.Tensor):
-        self.buffers = buffers  # [count, capacity]
-        self.used = 0
-        self._views: dict[tuple[int, ...], list[torch.Tensor]] = {}
-
-    def take(self, shape: torch.Size) -> torch.Tensor | None:
-        views = self._views.get(tuple(shape))
-        if views is None:
-            # Views are built once per shape: slicing per call costs more than small ops.
-            numel = shape[0] * shape[1]
-            fits = numel <= self.buffers.shape[1]
-            views = [buffer[:numel].view(shape) for buffer in self.buffers] if fits else []
-            self._views[tuple(shape)] = views
-        if self.used >= len(views):
-            return None
-        self.used += 1
-        return views[self.used - 1]
-
-
-def _out(scratch: Scratch | None, like: torch.Tensor) -> torch.Tensor | None:
-    """A buffer shaped like `like` for an op's out=, or None to let torch allocate."""
-    return None if scratch is None else scratch.take(like.shape)
-
-
 class Softmax(NamedTuple):
     """Softmax of scaled logits x, unnormalised: probs = exp * inv_total."""
 
@@ -105,34 +72,34 @@ class Softmax(NamedTuple):
     log_normalizer: torch.Tensor  # logsumexp(x), [rows, 1]
 
 
-def _softmax(logits: torch.Tensor, scratch: Scratch | None) -> Softmax:
+def _softmax(logits: torch.Tensor) -> Softmax:
     row_max = logits.amax(-1, keepdim=True)
-    exp = torch.sub(logits, row_max, out=_out(scratch, logits)).exp_()
+    exp = torch.sub(logits, row_max).exp_()
     total = exp.sum(-1, keepdim=True)
     return Softmax(logits, exp, total.reciprocal(), total.log().add_(row_max))
 
 
-def _log_ratio(numerator: Softmax, denominator: Softmax, scratch: Scratch | None) -> torch.Tensor:
+def _log_ratio(numerator: Softmax, denominator: Softmax) -> torch.Tensor:
     """log p_numerator - log p_denominator."""
     shift = numerator.log_normalizer - denominator.log_normalizer
-    return torch.sub(numerator.logits, denominator.logits, out=_out(scratch, numerator.logits)).sub_(shift)
+    return torch.sub(numerator.logits, denominator.logits).sub_(shift)
 
 
-def _log_ratio_to(dist: Softmax, log_other: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+def _log_ratio_to(dist: Softmax, log_other: torch.Tensor) -> torch.Tensor:
     """log p_dist - log_other."""
-    return torch.sub(dist.logits, log_other, out=_out(scratch, log_other)).sub_(dist.log_normalizer)
+    return torch.sub(dist.logits, log_other).sub_(dist.log_normalizer)
 
 
-def _expectation(dist: Softmax, values: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+def _expectation(dist: Softmax, values: torch.Tensor) -> torch.Tensor:
     """sum_v p_v * values_v per row, as [rows, 1]."""
-    products = torch.mul(dist.exp, values, out=_out(scratch, values))
+    products = torch.mul(dist.exp, values)
     return products.sum(-1, keepdim=True).mul_(dist.inv_total)
 
 
-def _mixture(dist_a: Softmax, dist_b: Softmax, weight_a: float, scratch: Scratch | None) -> torch.Tensor:
+def _mixture(dist_a: Softmax, dist_b: Softmax, weight_a: float) -> torch.Tensor:
     """weight_a * a + (1 - weight_a) * b, clamped at the smallest normal number so that
     rows where both probabilities underflow keep finite logs (their terms weigh 0)."""
-    mixture = torch.mul(dist_a.exp, dist_a.inv_total * weight_a, out=_out(scratch, dist_a.exp))
+    mixture = torch.mul(dist_a.exp, dist_a.inv_total * weight_a)
     mixture.addcmul_(dist_b.exp, dist_b.inv_total * (1.0 - weight_a))
     return mixture.clamp_min_(torch.finfo(mixture.dtype).tiny)
 
@@ -156,10 +123,10 @@ class Chain(NamedTuple):
         return Chain(self.student_exp, self.direction, self.scale * factor, self.shift * factor)
 
 
-def _chain(student: Softmax, direction: torch.Tensor, scratch: Scratch | None, factor: float = 1.0) -> Chain:
+def _chain(student: Softmax, direction: torch.Tensor, factor: float = 1.0) -> Chain:
     """factor * q * (direction - <q, direction>): the softmax Jacobian applied to direction."""
     scale = student.inv_total * factor
-    return Chain(student.exp, direction, scale, -_expectation(student, direction, scratch) * scale)
+    return Chain(student.exp, direction, scale, -_expectation(student, direction) * scale)
 
 
 class Divergence(NamedTuple):
@@ -170,27 +137,27 @@ class Divergence(NamedTuple):
 # Each objective may overwrite tensors it created, never the Softmax fields.
 
 
-def _forward_kl(student: Softmax, teacher: Softmax, scratch: Scratch | None) -> Divergence:
-    values = _expectation(teacher, _log_ratio(teacher, student, scratch), scratch).squeeze(-1)
+def _forward_kl(student: Softmax, teacher: Softmax) -> Divergence:
+    values = _expectation(teacher, _log_ratio(teacher, student)).squeeze(-1)
     return Divergence(values, Terms([(student.exp, student.inv_total), (teacher.exp, -teacher.inv_total)]))
 
 
-def _reverse_kl(student: Softmax, teacher: Softmax, scratch: Scratch | None) -> Divergence:
-    log_ratio = _log_ratio(student, teacher, scratch)
-    values = _expectation(student, log_ratio, scratch)
+def _reverse_kl(student: Softmax, teacher: Softmax) -> Divergence:
+    log_ratio = _log_ratio(student, teacher)
+    values = _expectation(student, log_ratio)
     scale = student.inv_total
     return Divergence(values.squeeze(-1), Chain(student.exp, log_ratio, scale, -values * scale))
 
 
-def _jsd(student: Softmax, teacher: Softmax, beta: float, scratch: Scratch | None) -> Divergence:
+def _jsd(student: Softmax, teacher: Softmax, beta: float) -> Divergence:
     if beta <= 0.0:
-        return _forward_kl(student, teacher, scratch)
+        return _forward_kl(student, teacher)
     if beta >= 1.0:
-        return _reverse_kl(student, teacher, scratch)
-    log_mixture = _mixture(teacher, student, beta, scratch).log_()
-    teacher_term = _expectation(teacher, _log_ratio_to(teacher, log_mixture, scratch), scratch)
-    student_ratio = _log_ratio_to(student, log_mixture, scratch)
-    student_term = _expectation(student, student_ratio, scratch)
+        return _reverse_kl(student, teacher)
+    log_mixture = _mixture(teacher, student, beta).log_()
+    teacher_term = _expectation(teacher, _log_ratio_to(teacher, log_mixture))
+    student_ratio = _log_ratio_to(student, log_mixture)
+    student_term = _expectation(student, student_ratio)
     values = (beta * teacher_term + (1.0 - beta) * student_term).squeeze(-1)
     # d/dq of both mixture KLs collapses to (1 - beta) * log(q / m); its expectation
     # under q is student_term itself, so the chain needs no extra sum.
@@ -198,64 +165,64 @@ def _jsd(student: Softmax, teacher: Softmax, beta: float, scratch: Scratch | Non
     return Divergence(values, Chain(student.exp, student_ratio, scale, -student_term * scale))
 
 
-def _skew_forward_kl(student: Softmax, teacher: Softmax, skew: float, scratch: Scratch | None) -> Divergence:
+def _skew_forward_kl(student: Softmax, teacher: Softmax, skew: float) -> Divergence:
     if skew <= 0.0:
-        return _forward_kl(student, teacher, scratch)
-    mixture = _mixture(teacher, student, skew, scratch)
-    log_mixture = torch.log(mixture, out=_out(scratch, mixture))
-    values = _expectation(teacher, _log_ratio_to(teacher, log_mixture, scratch), scratch).squeeze(-1)
+        return _forward_kl(student, teacher)
+    mixture = _mixture(teacher, student, skew)
+    log_mixture = torch.log(mixture)
+    values = _expectation(teacher, _log_ratio_to(teacher, log_mixture)).squeeze(-1)
     # g = -(1 - a) * p / m, with p / m = (teacher.exp / m) * teacher.inv_total.
     ratio = torch.div(teacher.exp, mixture, out=mixture)
-    return Divergence(values, _chain(student, ratio, scratch, -(1.0 - skew)).scaled(teacher.inv_total))
+    return Divergence(values, _chain(student, ratio, -(1.0 - skew)).scaled(teacher.inv_total))
 
 
-def _skew_reverse_kl(student: Softmax, teacher: Softmax, skew: float, scratch: Scratch | None) -> Divergence:
+def _skew_reverse_kl(student: Softmax, teacher: Softmax, skew: float) -> Divergence:
     if skew <= 0.0:
-        return _reverse_kl(student, teacher, scratch)
-    mixture = _mixture(student, teacher, skew, scratch)
-    log_ratio = _log_ratio_to(student, torch.log(mixture, out=_out(scratch, mixture)), scratch)
-    values = _expectation(student, log_ratio, scratch).squeeze(-1)
+        return _reverse_kl(student, teacher)
+    mixture = _mixture(student, teacher, skew)
+    log_ratio = _log_ratio_to(student, torch.log(mixture))
+    values = _expectation(student, log_ratio).squeeze(-1)
     # g = log(q / m) - a * q / m
     log_ratio.addcmul_(torch.div(student.exp, mixture, out=mixture), student.inv_total * -skew)
-    return Divergence(values, _chain(student, log_ratio, scratch))
+    return Divergence(values, _chain(student, log_ratio))
 
 
-def _tvd(student: Softmax, teacher: Softmax, scratch: Scratch | None) -> Divergence:
-    difference = torch.mul(teacher.exp, teacher.inv_total, out=_out(scratch, teacher.exp))
+def _tvd(student: Softmax, teacher: Softmax) -> Divergence:
+    difference = torch.mul(teacher.exp, teacher.inv_total)
     difference.addcmul_(student.exp, -student.inv_total)
     values = 0.5 * difference.abs().sum(-1)
     # d|p - q|/dq = -sign(p - q); sign(0) = 0 like autograd's abs.
-    return Divergence(values, _chain(student, difference.sign_(), scratch, -0.5))
+    return Divergence(values, _chain(student, difference.sign_(), -0.5))
 
 
-def _cosine(student_logits: torch.Tensor, teacher_logits: torch.Tensor, scratch: Scratch | None) -> Divergence:
+def _cosine(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> Divergence:
     # Same eps handling as F.cosine_similarity: each norm clamped at 1e-8.
     student_norm = torch.linalg.vector_norm(student_logits, dim=-1, keepdim=True).clamp_min_(1e-8)
     teacher_norm = torch.linalg.vector_norm(teacher_logits, dim=-1, keepdim=True).clamp_min_(1e-8)
-    student_unit = torch.div(student_logits, student_norm, out=_out(scratch, student_logits))
-    teacher_unit = torch.div(teacher_logits, teacher_norm, out=_out(scratch, teacher_logits))
-    cosine = torch.mul(student_unit, teacher_unit, out=_out(scratch, student_unit)).sum(-1)
+    student_unit = torch.div(student_logits, student_norm)
+    teacher_unit = torch.div(teacher_logits, teacher_norm)
+    cosine = torch.mul(student_unit, teacher_unit).sum(-1)
     grad = student_unit.mul_(cosine[:, None]).sub_(teacher_unit).div_(student_norm)
     return Divergence(1.0 - cosine, Terms([(grad, 1.0)]))
 
 
-def _softmax_divergence(student: Softmax, teacher: Softmax, spec: LossSpec, scratch: Scratch | None) -> Divergence:
+def _softmax_divergence(student: Softmax, teacher: Softmax, spec: LossSpec) -> Divergence:
     objective = spec.objective
     if objective == "forward_kl":
-        return _forward_kl(student, teacher, scratch)
+        return _forward_kl(student, teacher)
     if objective == "reverse_kl":
-        return _reverse_kl(student, teacher, scratch)
+        return _reverse_kl(student, teacher)
     if objective == "jsd":
-        return _jsd(student, teacher, spec.beta, scratch)
+        return _jsd(student, teacher, spec.beta)
     if objective in ("skew_forward_kl", "skew_reverse_kl") and spec.skew_alpha >= 1.0:
         # The plain path defines a = 1 as a distribution compared with itself: 0.
         return Divergence(student.inv_total.new_zeros(student.exp.shape[0]), Terms([]))
     if objective == "skew_forward_kl":
-        return _skew_forward_kl(student, teacher, spec.skew_alpha, scratch)
+        return _skew_forward_kl(student, teacher, spec.skew_alpha)
     if objective == "skew_reverse_kl":
-        return _skew_reverse_kl(student, teacher, spec.skew_alpha, scratch)
+        return _skew_reverse_kl(student, teacher, spec.skew_alpha)
     if objective == "tvd":
-        return _tvd(student, teacher, scratch)
+        return _tvd(student, teacher)
     raise ValueError(f"unknown objective {objective!r}")
 
 
@@ -275,29 +242,27 @@ def _scaled(grad: Terms | Chain, factor: float) -> Terms | Chain:
 
 
 def _distillation(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec, scratch: Scratch | None
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec
 ) -> _KD:
-    if teacher_logits.dtype != student_logits.dtype:
-        buffer = _out(scratch, teacher_logits)
-        teacher_logits = teacher_logits.to(student_logits.dtype) if buffer is None else buffer.copy_(teacher_logits)
+    teacher_logits = teacher_logits.to(student_logits.dtype)
     top_ids = None
     if spec.top_k is not None:
         k = min(spec.top_k, teacher_logits.shape[-1])
         teacher_logits, top_ids = teacher_logits.topk(k, dim=-1)
         student_logits = student_logits.gather(-1, top_ids)
     if spec.objective == "cosine":
-        result = _cosine(student_logits, teacher_logits, scratch)
+        result = _cosine(student_logits, teacher_logits)
         return _KD(result.values, _scaled(result.grad, spec.kd_weight), top_ids, None)
     temperature = spec.temperature
     if temperature != 1.0:
-        student_logits = torch.div(student_logits, temperature, out=_out(scratch, student_logits))
-        teacher_logits = torch.div(teacher_logits, temperature, out=_out(scratch, teacher_logits))
+        student_logits = torch.div(student_logits, temperature)
+        teacher_logits = torch.div(teacher_logits, temperature)
     if spec.teacher_may_be_infinite:
         # A teacher logit of -inf (a banned or padded token) must weigh 0, not produce NaN.
         lowest = torch.finfo(teacher_logits.dtype).min
-        teacher_logits = torch.clamp_min(teacher_logits, lowest, out=_out(scratch, teacher_logits))
-    student = _softmax(student_logits, scratch)
-    result = _softmax_divergence(student, _softmax(teacher_logits, scratch), spec, scratch)
+        teacher_logits = torch.clamp_min(teacher_logits, lowest)
+    student = _softmax(student_logits)
+    result = _softmax_divergence(student, _softmax(teacher_logits), spec)
     # T**2 on the value, T**2 / T on the gradient of the raw logits.
     values = result.values * temperature**2 if temperature != 1.0 else result.values
     shared = student if top_ids is None and temperature == 1.0 else None
@@ -312,14 +277,14 @@ class _CE(NamedTuple):
 
 
 def _cross_entropy(
-    student_logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec, shared: Softmax | None, scratch: Scratch | None
+    student_logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec, shared: Softmax | None
 ) -> _CE:
     """Hard-label CE on the raw logits, -log q[label] = logsumexp(z) - z[label]; its
     gradient ce_weight * (softmax - onehot) is left to the caller to assemble."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0)[:, None]
     label_logits = student_logits.gather(-1, safe_labels).squeeze(-1)
-    softmax = shared if shared is not None else _softmax(student_logits, scratch)
+    softmax = shared if shared is not None else _softmax(student_logits)
     values = softmax.log_normalizer.squeeze(-1) - label_logits
     coefficient = softmax.inv_total * spec.ce_weight
     if spec.labels_may_be_ignored:
@@ -346,13 +311,13 @@ def _materialize(grad: Terms | Chain, out: torch.Tensor | None) -> torch.Tensor 
     return result
 
 
-def _with_cross_entropy(grad: Terms | Chain, ce: _CE, shares_softmax: bool, scratch: Scratch | None) -> Terms | Chain:
+def _with_cross_entropy(grad: Terms | Chain, ce: _CE, shares_softmax: bool) -> Terms | Chain:
     """Add ce_weight * softmax to a KD gradient; free when the KD's softmax is the CE's."""
     exp, coefficient = ce.softmax_term
     if isinstance(grad, Chain) and shares_softmax:
         return Chain(grad.student_exp, grad.direction, grad.scale, grad.shift + coefficient)
     if isinstance(grad, Chain):
-        grad = Terms([(_materialize(grad, _out(scratch, grad.direction)), 1.0)])
+        grad = Terms([(_materialize(grad, None), 1.0)])
     return Terms([*grad.items, (exp, coefficient)])
 
 
@@ -362,23 +327,19 @@ def block_loss_and_grad(
     labels: torch.Tensor | None,
     spec: LossSpec,
     out: torch.Tensor | None = None,
-    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of KD values, sum of CE values, d(loss sum)/d(student logits)) for a block.
 
     loss = ce_weight * CE + kd_weight * KD per row, as in per_token_distillation_loss.
-    The gradient is written into `out` when given (it may alias student_logits);
-    `scratch` (eager CPU path) receives the big temporaries.
+    The gradient is written into `out` when given (it may alias student_logits).
     """
-    if scratch is not None:
-        scratch.used = 0
-    kd = _distillation(student_logits, teacher_logits, spec, scratch) if spec.use_kd else None
+    kd = _distillation(student_logits, teacher_logits, spec) if spec.use_kd else None
     ce = None
     if spec.use_ce:
-        ce = _cross_entropy(student_logits, labels, spec, None if kd is None else kd.student, scratch)
+        ce = _cross_entropy(student_logits, labels, spec, None if kd is None else kd.student)
     dense = Terms([])
     if kd is not None and kd.top_ids is None:
-        dense = kd.grad if ce is None else _with_cross_entropy(kd.grad, ce, kd.student is not None, scratch)
+        dense = kd.grad if ce is None else _with_cross_entropy(kd.grad, ce, kd.student is not None)
     elif ce is not None:
         dense = Terms([ce.softmax_term])
     grad = _materialize(dense, out)
@@ -387,7 +348,7 @@ def block_loss_and_grad(
     if ce is not None:
         grad.scatter_add_(-1, ce.safe_labels, ce.onehot_weight)
     if kd is not None and kd.top_ids is not None:
-        grad.scatter_add_(-1, kd.top_ids, _materialize(kd.grad, _out(scratch, kd.top_ids)))
+        grad.scatter_add_(-1, kd.top_ids, _materialize(kd.grad, None))
     kd_sum = kd.values.sum() if kd is not None else student_logits.new_zeros(())
     ce_sum = ce.values.sum() if ce is not None else student_logits.new_zeros(())
     return kd_sum, ce_sum, grad

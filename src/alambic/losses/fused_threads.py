@@ -6,27 +6,26 @@ parallel region that ends in a barrier. When other processes compete for the
 cores, a descheduled OpenMP worker stalls every barrier; on a shared 2-core
 machine this made the loss math 5-10x slower than single-threaded. Here each
 worker thread runs its blocks with one intra-op thread (no barriers), and the
-workers only meet once per chunk. Cache-sized blocks also keep every pass in L2.
+workers only meet once per chunk. Blocks of a few rows keep each pass in cache.
 
 Block rows are sized so one block of fp32 logits is about EAGER_BLOCK_ELEMENTS.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from alambic.losses.fused_kernels import LossSpec, Scratch, block_loss_and_grad
+from alambic.losses.fused_kernels import LossSpec, block_loss_and_grad
 
 # ~512 KiB of fp32 per block tensor: the live temporaries of a block stay in L2/L3.
 EAGER_BLOCK_ELEMENTS = 1 << 17
-# Enough for the largest objective (T != 1, -inf clamping, a separate CE softmax).
-SCRATCH_BUFFERS = 12
 
 _pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
+_pool_key: tuple[int, int] = (0, 0)  # (process id, workers): a forked child has no pool threads
 _pool_lock = threading.Lock()
 
 
@@ -36,14 +35,14 @@ def _one_intra_op_thread() -> None:
 
 
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_workers
+    global _pool, _pool_key
     with _pool_lock:
-        if _pool is None or _pool_workers != workers:
-            if _pool is not None:
+        if _pool is None or _pool_key != (os.getpid(), workers):
+            if _pool is not None and _pool_key[0] == os.getpid():
                 _pool.shutdown(wait=True)
             caller_threads = torch.get_num_threads()
             _pool = ThreadPoolExecutor(workers, "alambic-fused-loss", initializer=_one_intra_op_thread)
-            _pool_workers = workers
+            _pool_key = (os.getpid(), workers)
             # Start every worker now (the barrier needs them all), then restore the
             # process default that set_num_threads also changed for threads torch meets later.
             barrier = threading.Barrier(workers)
@@ -52,32 +51,23 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if tensor is None else tensor[start:stop]
+
+
 def _run_blocks(logits, teacher_logits, labels, spec: LossSpec, starts, block_rows):
     kd_sum = logits.new_zeros(())
     ce_sum = logits.new_zeros(())
-    scratch = None
-    if logits.device.type == "cpu":
-        capacity = min(block_rows, logits.shape[0]) * logits.shape[1]
-        scratch = Scratch(logits.new_empty(SCRATCH_BUFFERS, capacity))
     with torch.no_grad():  # grad mode is per thread; nothing here needs a graph
         for start in starts:
-            _run_block(logits, teacher_logits, labels, spec, start, start + block_rows, scratch, (kd_sum, ce_sum))
+            stop = start + block_rows
+            block = logits[start:stop]
+            kd, ce, _ = block_loss_and_grad(
+                block, _rows(teacher_logits, start, stop), _rows(labels, start, stop), spec, out=block
+            )
+            kd_sum += kd
+            ce_sum += ce
     return kd_sum, ce_sum
-
-
-def _run_block(logits, teacher_logits, labels, spec, start, stop, scratch, sums):
-    block = logits[start:stop]
-    kd, ce, _ = block_loss_and_grad(
-        block,
-        None if teacher_logits is None else teacher_logits[start:stop],
-        None if labels is None else labels[start:stop],
-        spec,
-        out=block,
-        scratch=scratch,
-    )
-    kd_sum, ce_sum = sums
-    kd_sum += kd
-    ce_sum += ce
 
 
 def eager_chunk_loss_and_grad(

@@ -73,8 +73,13 @@ def sparse_logprobs(
         raise ValueError(f"the teacher signal has {k} ids per position but the student only {vocab_size} logits")
     scaled = student_logits.float() / temperature
     log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    student_top = scaled.gather(-1, topk_ids) - log_normaliser
-    teacher_top = topk_logprobs.float()
+    # A negative id pads a position that holds fewer than k tokens (teacher logprobs stored per record).
+    # It reads a real id of the same position, so the student's tail bucket keeps its mass, and both sides
+    # get the floor mass there, so it adds exactly 0 to any divergence.
+    present = topk_ids >= 0
+    topk_ids = torch.where(present, topk_ids, topk_ids.amax(dim=-1, keepdim=True).clamp_min(0))
+    student_top = torch.where(present, scaled.gather(-1, topk_ids) - log_normaliser, LOG_MASS_FLOOR)
+    teacher_top = torch.where(present, topk_logprobs.float(), LOG_MASS_FLOOR)
     if k == vocab_size:
         return student_top, teacher_top
     # Summing over the complement directly (not 1 - sum of the top-k) stays accurate when the tail is tiny.
@@ -117,10 +122,14 @@ def sparse_per_token_distillation_loss(
     beta: float = 0.5,
     skew_alpha: float = 0.1,
     ignore_index: int = -100,
+    kd_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position {"loss", "kd", "ce"}: loss = alpha * CE + (1 - alpha) * T**2 * D_sparse.
 
     The sparse twin of `per_token_distillation_loss`; the caller masks and reduces.
+    `kd_mask` (bool, shape of the positions) marks where the teacher gave a
+    distribution; elsewhere kd is 0 and the loss is the CE on the label alone,
+    whatever alpha (the label is the only target there).
     """
     _check_objective(objective)
     zeros = student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
@@ -130,9 +139,14 @@ def sparse_per_token_distillation_loss(
         kd = sparse_token_divergence(
             student_logits, topk_ids, topk_logprobs, tail_logmass, objective, temperature, beta, skew_alpha
         )
-    if labels is not None and alpha > 0.0:
+    if labels is not None and (alpha > 0.0 or kd_mask is not None):
         ce = token_cross_entropy(student_logits, labels, ignore_index)
-    return {"loss": alpha * ce + (1.0 - alpha) * kd, "kd": kd, "ce": ce}
+    loss = alpha * ce + (1.0 - alpha) * kd
+    if kd_mask is not None:
+        kd_mask = kd_mask.bool()
+        kd = torch.where(kd_mask, kd, zeros)
+        loss = torch.where(kd_mask, loss, ce)
+    return {"loss": loss, "kd": kd, "ce": ce}
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -149,7 +163,7 @@ class _FusedSparseLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, labels, topk_ids, topk_logprobs, tail_logmass, options):
+    def forward(ctx, hidden, weight, bias, rows, labels, topk_ids, topk_logprobs, tail_logmass, kd_mask, options):
         compute = _compute_dtype(hidden)
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
@@ -171,7 +185,8 @@ class _FusedSparseLoss(torch.autograd.Function):
                     leaf = logits.requires_grad_(True)
                     per_token = sparse_per_token_distillation_loss(
                         leaf, topk_ids.index_select(0, chunk_rows), topk_logprobs.index_select(0, chunk_rows),
-                        tail_logmass.index_select(0, chunk_rows), labels.index_select(0, chunk_rows), **options,
+                        tail_logmass.index_select(0, chunk_rows), labels.index_select(0, chunk_rows),
+                        kd_mask=None if kd_mask is None else kd_mask.index_select(0, chunk_rows), **options,
                     )
                     chunk_loss = per_token["loss"].sum()
                     (grad_logits,) = torch.autograd.grad(chunk_loss, leaf)
@@ -196,7 +211,7 @@ class _FusedSparseLoss(torch.autograd.Function):
         results = []
         for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.input_dtypes):
             results.append((grad * (grad_loss * ctx.scale).to(grad.dtype)).to(dtype) if present else None)
-        return (*results, None, None, None, None, None, None)
+        return (*results, None, None, None, None, None, None, None)
 
 
 def fused_sparse_distillation_loss(
@@ -217,6 +232,7 @@ def fused_sparse_distillation_loss(
     chunk_size: int = 1024,
     reduction: str = "sum",
     ignore_index: int = -100,
+    kd_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """{"loss", "kd", "ce"} from student hidden states [N, H] and a sparse teacher, never building N x V logits.
 
@@ -224,7 +240,8 @@ def fused_sparse_distillation_loss(
     same conventions: rows count where `mask` is true; without a mask, where
     labels != ignore_index; without either, all rows. "sum" adds the counted
     rows, "mean" divides by their number. topk_ids / topk_logprobs [N, k] and
-    tail_logmass [N] describe the teacher. Only "loss" carries a gradient.
+    tail_logmass [N] describe the teacher; kd_mask [N] as in
+    `sparse_per_token_distillation_loss`. Only "loss" carries a gradient.
     """
     _check_objective(objective)
     if reduction not in ("sum", "mean"):
@@ -245,6 +262,6 @@ def fused_sparse_distillation_loss(
     }
     loss, kd, ce = _FusedSparseLoss.apply(
         student_hidden, student_head_weight, student_head_bias, rows, labels.reshape(total),
-        topk_ids, topk_logprobs, tail_logmass, options,
+        topk_ids, topk_logprobs, tail_logmass, None if kd_mask is None else kd_mask.reshape(total), options,
     )
     return {"loss": loss, "kd": kd, "ce": ce}

@@ -59,7 +59,7 @@ def _sparse_per_token(student_logits, signal: TeacherSignal, labels, loss_cfg: L
 
     return sparse_per_token_distillation_loss(
         student_logits, signal.topk_ids, signal.topk_logprobs, signal.tail_logmass, labels,
-        **{k: v for k, v in loss_options(loss_cfg).items() if k != "top_k"},
+        kd_mask=signal.extras.get("kd_mask"), **{k: v for k, v in loss_options(loss_cfg).items() if k != "top_k"},
     )
 
 
@@ -93,9 +93,13 @@ def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fus
 
 
 def _shift_sparse(signal: TeacherSignal) -> TeacherSignal:
+    # extras["kd_mask"] [B, L]: positions that hold a teacher distribution (stored per record; see
+    # teachers/record_logprobs.py); the others learn the label alone.
+    kd_mask = signal.extras.get("kd_mask")
     return TeacherSignal(
         topk_ids=signal.topk_ids[:, :-1], topk_logprobs=signal.topk_logprobs[:, :-1],
         tail_logmass=signal.tail_logmass[:, :-1], temperature=signal.temperature,
+        extras={} if kd_mask is None else {"kd_mask": kd_mask[:, :-1]},
     )
 
 
@@ -112,10 +116,12 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig) -> 
 
         shifted = _shift_sparse(signal)
         options.pop("top_k")
+        kd_mask = shifted.extras.get("kd_mask")
         return fused_sparse_distillation_loss(
             student_hidden, weight, bias, flat_labels, None,
             topk_ids=shifted.topk_ids[mask], topk_logprobs=shifted.topk_logprobs[mask],
-            tail_logmass=shifted.tail_logmass[mask], **options, **common,
+            tail_logmass=shifted.tail_logmass[mask], kd_mask=None if kd_mask is None else kd_mask[mask],
+            **options, **common,
         )
     teacher_kwargs = {}
     if signal is not None and signal.hidden is not None:

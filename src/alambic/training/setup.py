@@ -54,6 +54,12 @@ def _student_model(config: DistillConfig, teacher_model):
 
 def build_models(config: DistillConfig, device) -> RunModels:
     teacher_cfg = config.teacher
+    record_teacher = None
+    if teacher_cfg is None and config.data.logprobs_column is not None:  # the teacher's logprobs are in the data
+        from alambic.teachers.record_logprobs import RecordLogprobTeacher, check_record_logprobs_config
+
+        check_record_logprobs_config(config)  # before any model loads
+        record_teacher = RecordLogprobTeacher(config.data.logprobs_column)
     teacher_model = teacher_tokenizer = None
     if teacher_cfg is not None and teacher_cfg.model is not None:
         teacher_tokenizer = load_tokenizer(teacher_cfg, role="teacher")
@@ -78,6 +84,8 @@ def build_models(config: DistillConfig, device) -> RunModels:
         from alambic.teachers.cached import CachedTeacher
 
         teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
+    elif record_teacher is not None:  # a top-k on the records' own tokens only: not evaluable on other text
+        teacher, name = record_teacher, record_teacher.name
     student = StudentModule(student_model, vocab_size).to(device)
     setup = RunModels(student, teacher, tokenizer, name, evaluable, config)
     setup.teacher_model, setup.teacher_tokenizer = teacher_model, teacher_tokenizer
