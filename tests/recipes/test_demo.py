@@ -91,6 +91,30 @@ def test_eval_on_the_demo_run_reproduces_its_quality_metrics(quick_run):
     assert (folder / "eval" / "report.html").exists()
 
 
+@pytest.mark.slow
+def test_quick_lm_demo_compares_kd_and_ce_students_on_held_out_modules(tmp_path):
+    folder = tmp_path / "lm"
+    result = run_cli("demo", "--task", "lm", "--quick", f"output_dir={folder}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train_texts = {json.loads(line)["text"] for line in (folder / "data" / "train.jsonl").read_text().splitlines()}
+    heldout = [json.loads(line)["text"] for line in (folder / "data" / "heldout.jsonl").read_text().splitlines()]
+    # Whole modules are held out (the quick demo keeps only the start of each held-out module).
+    assert heldout and not any(text.startswith(start) for text in train_texts for start in heldout)
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert list(saved["models"]) == ["teacher", "kd_student", "ce_student"]
+    teacher = saved["models"]["teacher"]["metrics"]
+    for name, entry in saved["models"].items():
+        values = entry["metrics"]
+        assert 0 < values["bits_per_byte"] < 16 and values["perplexity"] >= 1, name
+        for key in ("tokens_per_s_batch1", "tokens_per_s_batch8", "ttft_ms_batch1", "ttft_ms_batch8", "disk_mb"):
+            assert values[key] > 0, (name, key)
+        if name != "teacher":
+            assert values["num_parameters"] < teacher["num_parameters"]
+            assert values["kl_to_teacher"] >= 0 and 0 <= values["top1_agreement"] <= 1
+    assert saved["kd_gap_closed"] is not None and saved["targets"][0]["name"].startswith("KD share")
+    assert (folder / "report.html").read_text().count("data:image/png;base64,") == 3
+
+
 def test_report_renders_saved_metrics_without_recomputing(tmp_path, monkeypatch, capsys):
     saved = {
         "task": "sequence_classification", "class_names": ["a", "b"],

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alambic.errors import ConfigError, DataError, ModelError
-from alambic.losses import fused_kernels, fused_threads
+from alambic.losses import fused, fused_kernels, fused_threads
 from alambic.losses.divergences import OBJECTIVES, distillation_loss, per_token_distillation_loss
 from alambic.losses.fused import fused_distillation_loss
 
@@ -327,6 +327,7 @@ def test_no_tokens_by_vocab_tensor_is_ever_created(_one_thread):
 def test_compiled_path_traces_and_matches(monkeypatch):
     # aot_eager checks dynamo tracing of the block math in seconds; the benchmark runs inductor.
     monkeypatch.setattr(fused_kernels, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(fused, "COMPILED_BLOCK_ELEMENTS", 5 * VOCAB)  # ragged blocks: 16 = 5 + 5 + 5 + 1
     case = _case(seed=12)
     options = {"objective": "skew_reverse_kl", "alpha": 0.5, "top_k": 9, "chunk_size": 16, "compile": True}
     _assert_close(_fused(case, torch.float64, **options), _plain(case, torch.float64, **options), 1e-10, 1e-10)

@@ -31,6 +31,11 @@ from alambic.losses.fused_kernels import IGNORE_INDEX, LossSpec, compiled_block_
 from alambic.losses.fused_threads import eager_chunk_loss_and_grad
 
 
+# compile=True runs blocks of about this many logits: few, large fused kernels,
+# while inductor's temporaries stay small next to the chunk's logits buffer.
+COMPILED_BLOCK_ELEMENTS = 1 << 21
+
+
 @dataclass
 class _Plan:
     """Everything the autograd function needs besides the student's tensors."""
@@ -113,6 +118,27 @@ class _GradientSums:
             self.bias += grad_logits.sum(0)
 
 
+def _compiled_chunk_loss_and_grad(logits, teacher_logits, labels, spec: LossSpec):
+    """(KD sum, CE sum, gradient) of a chunk through torch.compile; the gradient overwrites `logits`."""
+    compiled = compiled_block_loss_and_grad()
+    rows = logits.shape[0]
+    block_rows = max(1, COMPILED_BLOCK_ELEMENTS // logits.shape[1]) if logits.device.type == "cpu" else rows
+    kd_sum = logits.new_zeros(())
+    ce_sum = logits.new_zeros(())
+    for start in range(0, rows, block_rows):
+        stop = start + block_rows
+        kd, ce, grad = compiled(
+            logits[start:stop],
+            None if teacher_logits is None else teacher_logits[start:stop],
+            None if labels is None else labels[start:stop],
+            spec,
+        )
+        kd_sum += kd
+        ce_sum += ce
+        logits[start:stop].copy_(grad)
+    return kd_sum, ce_sum, logits
+
+
 def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool, bool]):
     """KD and CE sums and the unscaled gradient sums over all counted rows."""
     compute = _compute_dtype(hidden, weight, plan.teacher_hidden, plan.teacher_weight)
@@ -122,7 +148,7 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
     if plan.teacher_weight is not None:
         teacher = _Head(plan.teacher_weight, plan.teacher_bias, compute, chunk)
     grads = _GradientSums(plan, student, needs_grad)
-    chunk_math = compiled_block_loss_and_grad() if plan.compiled else eager_chunk_loss_and_grad
+    chunk_math = _compiled_chunk_loss_and_grad if plan.compiled else eager_chunk_loss_and_grad
     kd_total = torch.zeros((), dtype=compute, device=hidden.device)
     ce_total = torch.zeros((), dtype=compute, device=hidden.device)
     for start in range(0, plan.row_count, chunk):
