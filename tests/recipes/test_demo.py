@@ -112,7 +112,65 @@ def test_quick_lm_demo_compares_kd_and_ce_students_on_held_out_modules(tmp_path)
             assert values["num_parameters"] < teacher["num_parameters"]
             assert values["kl_to_teacher"] >= 0 and 0 <= values["top1_agreement"] <= 1
     assert saved["kd_gap_closed"] is not None and saved["targets"][0]["name"].startswith("KD share")
-    assert (folder / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert (folder / "report.html").read_text().count("data:image/png;base64,") == 2  # trade-off, curves
+
+
+def test_eval_compares_causal_lm_students_with_their_teacher(tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alambic.data.stdlib_corpus import build_tokenizer
+    from alambic.models.student import select_layers
+
+    texts = ["def add(a, b):\n    return a + b\n" * 3, "class Point:\n    x: int = 0\n" * 3]
+    tokenizer = build_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4))
+    for name, model in (("teacher", teacher), ("same", select_layers(teacher, [0, 1, 2])),
+                        ("small", select_layers(teacher, [2]))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    code, output = call_main(monkeypatch, capsys, "eval", str(tmp_path / "teacher"), "--student", str(tmp_path / "same"),
+                             "--student", str(tmp_path / "small"), "--data", str(data), "--out", str(tmp_path / "eval"))
+    assert code == 0, output
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["task"] == "causal_lm"
+    same, small = saved["models"]["same"], saved["models"]["small"]
+    # A student that keeps every layer is the teacher: no divergence, full agreement, retention 1.
+    assert same["metrics"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert same["metrics"]["top1_agreement"] == 1.0
+    assert same["retention"]["bits_per_byte"] == pytest.approx(1.0)
+    assert small["metrics"]["kl_to_teacher"] > 0 and small["metrics"]["num_parameters"] < same["metrics"]["num_parameters"]
+    for key in ("tokens_per_s_batch1", "ttft_ms_batch8", "peak_memory_mb", "disk_mb", "perplexity"):
+        assert small["metrics"][key] > 0
+    assert (tmp_path / "eval" / "report.html").exists()
+
+
+def test_eval_targets_resolve_to_teacher_students_and_data(tmp_path):
+    import yaml
+
+    from alambic.evaluate.targets import apply_options, resolve_target
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    config = {"task": "sequence_classification", "teacher": {"model": str(tmp_path / "teacher")},
+              "student": {"model": str(tmp_path / "init"), "num_labels": 3},
+              "data": {"train": "train.jsonl", "eval": "dev.jsonl", "format": "classification", "max_length": 64,
+                       "text_column": "body"},
+              "train": {"output_dir": str(run)}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = resolve_target(str(run))
+    assert [(s.name, s.role) for s in plan.specs] == [("teacher", "teacher"), ("student", "student")]
+    assert plan.specs[1].path == str(run / "final")
+    assert (plan.task, plan.data, plan.max_length, plan.text_column) == ("sequence_classification", "dev.jsonl", 64, "body")
+    # The config file itself names the same run.
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert [s.path for s in resolve_target(str(tmp_path / "c.yaml")).specs] == [s.path for s in plan.specs]
+    plan = apply_options(plan, ["other/final", "student"], "test.jsonl", None, None, None)
+    assert plan.data == "test.jsonl" and [s.name for s in plan.specs] == ["teacher", "student", "other", "student-2"]
 
 
 def test_report_renders_saved_metrics_without_recomputing(tmp_path, monkeypatch, capsys):

@@ -43,7 +43,7 @@ class LMDemoConfig(Strict):
     max_length: int = Field(128, ge=16)
     batch_size: int = Field(16, ge=1)
     teacher: LMSize = LMSize(layers=4, hidden=192, heads=4, intermediate=512)
-    student: LMSize = LMSize(layers=2, hidden=96, heads=4, intermediate=256)
+    student: LMSize = LMSize(layers=2, hidden=128, heads=4, intermediate=344)
     teacher_steps: int = Field(400, ge=1)
     teacher_lr: float = Field(2e-3, gt=0)
     student_steps: int = Field(200, ge=1)
@@ -156,8 +156,7 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
 
     from alambic.config import dump_config
     from alambic.data import read_records
-    from alambic.evaluate.demo import train
-    from alambic.evaluate.report import write_report
+    from alambic.evaluate.demo import save_and_render, train
     from alambic.evaluate.suite import ModelSpec, evaluate_causal_lms
     from alambic.training.checkpoint import atomic_write_text
 
@@ -187,12 +186,7 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
         "setup": config.model_dump(mode="json"),
     })
     report["targets"] = lm_targets(report)
-    report["stages"] = dict(clock.stages)
-    report["stage_cpu_seconds"] = dict(clock.cpu_seconds)
-    atomic_write_text(folder / "metrics.json", json.dumps(report, indent=2))
-    report_path = write_report([folder])
-    report["total_seconds"] = clock.total
-    atomic_write_text(folder / "metrics.json", json.dumps(report, indent=2))
+    report_path = save_and_render(report, folder, clock)
     _print_lm_summary(report, report_path)
     return report
 

@@ -83,11 +83,20 @@ def resolve_target(target: str) -> EvalPlan:
     )
 
 
+def _display_name(path: str, taken: set[str]) -> str:
+    """A run's exported model is `RUN/final`: the run's name says more than "final"."""
+    folder = Path(path)
+    base = folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
+    name, index = base, 2
+    while name in taken:
+        name, index = f"{base}-{index}", index + 1
+    return name
+
+
 def apply_options(plan: EvalPlan, students: list[str], data: str | None, task: str | None,
                   max_length: int | None, output_dir: str | None) -> EvalPlan:
-    for index, student in enumerate(students):
-        name = Path(student).name if Path(student).name not in {s.name for s in plan.specs} else f"student{index + 1}"
-        plan.specs.append(ModelSpec(name, student, "student"))
+    for student in students:
+        plan.specs.append(ModelSpec(_display_name(student, {s.name for s in plan.specs}), student, "student"))
     plan.data = data or plan.data
     plan.task = task or plan.task
     plan.max_length = max_length or plan.max_length
