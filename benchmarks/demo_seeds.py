@@ -25,10 +25,24 @@ MODELS = ("teacher", "distilled", "baseline")
 METRICS = ("accuracy", "macro_f1", "agreement", "ece", "throughput_per_s", "latency_ms")
 
 
+def load_run(folder: Path) -> dict:
+    """A finished run's metrics; models re-measured by `alambic eval FOLDER` (FOLDER/eval) take precedence.
+
+    Re-measuring all runs back to back with one version of the timing code keeps
+    the speed figures of different seeds comparable.
+    """
+    saved = json.loads((folder / "metrics.json").read_text())
+    remeasured = folder / "eval" / "metrics.json"
+    if remeasured.exists():
+        saved["models"] = json.loads(remeasured.read_text())["models"]
+        saved["remeasured"] = True
+    return saved
+
+
 def run_seed(seed: int, root: Path, overrides: dict, collect_only: bool) -> dict:
     folder = root / f"seed{seed}"
     if collect_only:
-        return json.loads((folder / "metrics.json").read_text())
+        return load_run(folder)
     return run_demo(DemoConfig(**{**overrides, "seed": seed, "output_dir": str(folder)}))
 
 
@@ -49,11 +63,33 @@ def summary_markdown(reports: dict[int, dict], command: str) -> str:
     retention = [reports[s]["models"]["distilled"]["retention"]["accuracy"] for s in seeds]
     speedup = [reports[s]["models"]["distilled"]["retention"].get("throughput_per_s", float("nan")) for s in seeds]
     wall = [reports[s].get("total_seconds", float("nan")) for s in seeds]
+    cpu = [sum((reports[s].get("stage_cpu_seconds") or {"-": float("nan")}).values()) for s in seeds]
+    if any(reports[s].get("remeasured") for s in seeds):
+        lines += ["", "Speed and memory re-measured with `alambic eval runs/demo-seeds/seedN` (all seeds back to back)."]
     lines += ["", f"- distilled accuracy retention (student / teacher): {mean_spread(retention)}",
               f"- distilled throughput / teacher throughput at batch 32: {mean_spread(speedup)}",
               f"- distilled >= baseline: accuracy in {wins['accuracy']}/{len(seeds)} seeds, "
               f"agreement in {wins['agreement']}/{len(seeds)} seeds",
-              f"- wall time per seed (s): {', '.join(f'{w:.0f}' for w in wall)}"]
+              f"- wall time per seed (s): {', '.join(f'{w:.0f}' for w in wall)}; "
+              f"CPU seconds, all threads: {', '.join(f'{c:.0f}' for c in cpu)}"]
+    return "\n".join(lines)
+
+
+def lm_markdown(run_folder: Path) -> str:
+    """The LM demo's figures (one run) from its metrics.json."""
+    saved = load_run(run_folder)
+    keys = ("bits_per_byte", "perplexity", "kl_to_teacher", "top1_agreement", "tokens_per_s_batch1",
+            "tokens_per_s_batch8", "num_parameters")
+    lines = [f"### `alambic demo --task lm` ({run_folder})", "",
+             "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, entry in saved["models"].items():
+        values = entry["metrics"]
+        lines.append(f"| {name} | " + " | ".join("–" if values.get(k) is None else f"{values[k]:.4g}" for k in keys) + " |")
+    closed = saved.get("kd_gap_closed")
+    lines += ["", f"- KD closes {closed:.1%} of the CE student's gap to the teacher in held-out bits per byte "
+              "(target >= 40%)" if closed is not None else "- gap closed: n/a",
+              f"- wall time {saved.get('total_seconds', float('nan')):.0f} s; CPU seconds per stage: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in (saved.get("stage_cpu_seconds") or {}).items())]
     return "\n".join(lines)
 
 
@@ -75,6 +111,7 @@ def main() -> None:
     parser.add_argument("--collect-only", action="store_true", help="read finished runs instead of training")
     parser.add_argument("--write", action="store_true", help="update the demo section of benchmarks/RESULTS.md")
     parser.add_argument("--set", nargs="*", default=[], help="DemoConfig overrides, e.g. student_steps=120")
+    parser.add_argument("--lm-run", help="also report a finished `alambic demo --task lm` run folder")
     args = parser.parse_args()
     overrides = {}
     for item in args.set:
@@ -83,6 +120,8 @@ def main() -> None:
     reports = {seed: run_seed(seed, Path(args.root), overrides, args.collect_only) for seed in args.seeds}
     command = "python benchmarks/demo_seeds.py --seeds " + " ".join(map(str, args.seeds))
     markdown = summary_markdown(reports, command + (" --set " + " ".join(args.set) if args.set else ""))
+    if args.lm_run:
+        markdown += "\n\n" + lm_markdown(Path(args.lm_run))
     print(markdown)
     if args.write:
         write_section(markdown)

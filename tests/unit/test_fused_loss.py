@@ -29,6 +29,7 @@ from alambic.losses.divergences import OBJECTIVES, distillation_loss, per_token_
 from alambic.losses.fused import fused_distillation_loss
 
 ROWS, WIDTH, VOCAB, TEACHER_WIDTH = 37, 16, 64, 24
+DEFAULT_BLOCK_ELEMENTS = fused_threads.EAGER_BLOCK_ELEMENTS
 
 
 @pytest.fixture(autouse=True)
@@ -293,7 +294,7 @@ class _LargestTensor(TorchDispatchMode):
 @pytest.fixture
 def _one_thread(monkeypatch):
     """Dispatch modes are per thread: keep the whole computation on this one."""
-    monkeypatch.setattr(fused_threads, "EAGER_BLOCK_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(fused_threads, "EAGER_BLOCK_ELEMENTS", DEFAULT_BLOCK_ELEMENTS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -327,7 +328,8 @@ def test_no_tokens_by_vocab_tensor_is_ever_created(_one_thread):
 def test_compiled_path_traces_and_matches(monkeypatch):
     # aot_eager checks dynamo tracing of the block math in seconds; the benchmark runs inductor.
     monkeypatch.setattr(fused_kernels, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(fused, "COMPILED_BLOCK_ELEMENTS", 5 * VOCAB)  # ragged blocks: 16 = 5 + 5 + 5 + 1
+    # Blocks of 5 rows in chunks of 16: three compiled blocks and an eager remainder of 1.
+    monkeypatch.setattr(fused, "COMPILED_BLOCK_ELEMENTS", 5 * VOCAB)
     case = _case(seed=12)
     options = {"objective": "skew_reverse_kl", "alpha": 0.5, "top_k": 9, "chunk_size": 16, "compile": True}
     _assert_close(_fused(case, torch.float64, **options), _plain(case, torch.float64, **options), 1e-10, 1e-10)

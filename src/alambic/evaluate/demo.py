@@ -53,6 +53,8 @@ class DemoConfig(Strict):
     objective: str = "forward_kl"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE in the distillation loss")
+    hidden_cosine: float = Field(0.0, ge=0, description="weight of a cosine loss between each kept student layer's "
+                                 "hidden states and its teacher layer's (0 = off)")
     eval_every: int = Field(20, ge=0, description="validation points on the training curves")
     eval_batches: int | None = Field(4, ge=1, description="validation batches per point (the curve, not the test)")
     train_limit: int | None = Field(None, ge=5)
@@ -175,6 +177,11 @@ def train_config(config: DemoConfig, paths: dict[str, Path], student: Path, outp
                   "eval_every": config.eval_every, "eval_batches": config.eval_batches, "progress": config.progress,
                   "weight_decay": 0.01, "cpu": True},
     }
+    if teacher and config.hidden_cosine > 0:
+        # Student layer i is a copy of teacher layer student_layers[i]: it keeps learning from that layer.
+        layer_map = dict(enumerate(config.student_layers))
+        raw["representation"] = {"hidden": {"weight": config.hidden_cosine, "loss": "cosine", "layer_map": layer_map,
+                                            "projection": "never"}}
     return DistillConfig.model_validate(raw)
 
 

@@ -154,17 +154,19 @@ def curves_plot(run: dict) -> str | None:
     eval_key = "eval_accuracy" if run["task"] == "sequence_classification" else "eval_ce"
     figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for name, history in curves.items():
-        steps = [r["step"] for r in history if "ce" in r]
-        hard_ce = [r["ce"] for r in history if "ce" in r]
-        window = max(1, len(hard_ce) // 20)
-        smoothed = [sum(hard_ce[max(0, i - window + 1) : i + 1]) / len(hard_ce[max(0, i - window + 1) : i + 1])
-                    for i in range(len(hard_ce))]
-        loss_axis.plot(steps, smoothed, label=name)
+        # Pure KD (alpha = 0) computes no hard-label CE: show its KD loss instead of a line of zeros.
+        term = "ce" if any(r.get("ce") for r in history) else "kd"
+        steps = [r["step"] for r in history if term in r]
+        values = [r[term] for r in history if term in r]
+        window = max(1, len(values) // 20)
+        smoothed = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                    for i in range(len(values))]
+        loss_axis.plot(steps, smoothed, label=f"{name}: {'hard-label CE' if term == 'ce' else 'KD loss'}")
         points = [(r["step"], r[eval_key]) for r in history if eval_key in r]
         if points:
             eval_axis.plot(*zip(*points), marker="o", label=name)
-    loss_axis.set(xlabel="step", ylabel="hard-label CE on train batches (smoothed)", title="training")
-    eval_axis.set(xlabel="step", ylabel=eval_key.replace("_", " ") + " (validation)", title="held-out during training")
+    loss_axis.set(xlabel="step", ylabel="on train batches (smoothed)", title="training")
+    eval_axis.set(xlabel="step", ylabel=eval_key.replace("_", " ") + " (validation)", title="validation during training")
     for axis in (loss_axis, eval_axis):
         axis.grid(alpha=0.3)
         axis.legend()

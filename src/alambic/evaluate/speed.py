@@ -1,7 +1,8 @@
 """Cost of a model: parameters, size on disk, peak inference memory, latency, throughput, generation speed.
 
-Timings are medians over repeats after a warm-up, so one hiccup of a shared
-machine does not decide the figure. Peak memory on CPU is the peak of live
+Timings are the fastest of several repeats after a warm-up: other processes
+on a shared machine only ever add time, so the minimum is the figure closest
+to what the model costs on a machine of its own (and the most reproducible). Peak memory on CPU is the peak of live
 tensor bytes (weights + activations) during one forward, tracked exactly by a
 dispatch mode; on CUDA it is the allocator's own peak.
 
@@ -92,7 +93,7 @@ def peak_inference_memory_bytes(model: torch.nn.Module, run_forward: Callable[[]
     return weights_bytes(model) + tracker.peak_bytes
 
 
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def fastest_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     with torch.inference_mode():
         for _ in range(warmup):
             run()
@@ -101,7 +102,7 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def classifier_speed(
@@ -111,9 +112,12 @@ def classifier_speed(
     max_length: int,
     batch_size: int = 32,
     latency_examples: int = 16,
-    throughput_batches: int = 3,
+    throughput_batches: int = 5,
 ) -> dict[str, float]:
-    """Latency per example at batch 1 (ms), throughput at `batch_size` (examples/s), peak memory (MB)."""
+    """Latency per example at batch 1 (ms), throughput at `batch_size` (examples/s), peak memory (MB).
+
+    Latency is the median over different examples (their lengths differ) of each one's fastest of 3 runs.
+    """
     model.eval()
     device = next(model.parameters()).device
 
@@ -121,15 +125,9 @@ def classifier_speed(
         return tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
 
     singles = [encode([text]) for text in texts[:latency_examples]]
-    latencies = []
-    with torch.inference_mode():
-        model(**singles[0])  # warm-up: first calls allocate and pick kernels
-        for encoded in singles:
-            start = time.perf_counter()
-            model(**encoded)
-            latencies.append(time.perf_counter() - start)
+    latencies = [fastest_seconds(lambda enc=encoded: model(**enc), repeats=3, warmup=0) for encoded in singles]
     batch = encode((texts * (batch_size // max(len(texts), 1) + 1))[:batch_size])
-    per_batch = median_seconds(lambda: model(**batch), repeats=throughput_batches)
+    per_batch = fastest_seconds(lambda: model(**batch), repeats=throughput_batches)
     peak = peak_inference_memory_bytes(model, lambda: model(**batch))
     return {
         "latency_ms": 1000.0 * statistics.median(latencies),
@@ -139,7 +137,7 @@ def classifier_speed(
 
 
 def generation_speed(
-    model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int, new_tokens: int = 32, repeats: int = 2
+    model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int, new_tokens: int = 32, repeats: int = 3
 ) -> dict[str, float]:
     """Time to first token (ms) and decoding speed (generated tokens/s over the batch) with greedy decoding."""
     model.eval()
@@ -153,6 +151,6 @@ def generation_speed(
     def generate(count: int):
         return model.generate(**encoded, max_new_tokens=count, min_new_tokens=count, **options)
 
-    first_token = median_seconds(lambda: generate(1), repeats=repeats)
-    full = median_seconds(lambda: generate(new_tokens), repeats=repeats)
+    first_token = fastest_seconds(lambda: generate(1), repeats=repeats)
+    full = fastest_seconds(lambda: generate(new_tokens), repeats=repeats)
     return {"ttft_ms": 1000.0 * first_token, "tokens_per_s": batch_size * new_tokens / full}

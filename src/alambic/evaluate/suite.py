@@ -99,7 +99,7 @@ def evaluate_classifiers(
         }
         if measure_speed:
             values.update(classifier_speed(model, tokenizer, texts, max_length, latency_examples=latency_examples,
-                                           throughput_batches=3 if latency_examples >= 8 else 1))
+                                           throughput_batches=5 if latency_examples >= 8 else 1))
         num_classes = logits.shape[-1]
         report["confusion"][spec.name] = m.confusion_matrix(predictions, labels, num_classes)
         report["models"][spec.name] = {"role": spec.role, "path": str(spec.path), "metrics": values}

@@ -362,5 +362,8 @@ _compiled_blocks: dict[str, object] = {}
 def compiled_block_loss_and_grad():
     """`block_loss_and_grad` through torch.compile, built once per process and backend."""
     if COMPILE_BACKEND not in _compiled_blocks:
-        _compiled_blocks[COMPILE_BACKEND] = torch.compile(block_loss_and_grad, backend=COMPILE_BACKEND)
+        # Static shapes: callers pass one block shape (see fused._compiled_chunk_loss_and_grad).
+        _compiled_blocks[COMPILE_BACKEND] = torch.compile(
+            block_loss_and_grad, backend=COMPILE_BACKEND, dynamic=False
+        )
     return _compiled_blocks[COMPILE_BACKEND]
