@@ -106,6 +106,9 @@ def test_quick_lm_demo_compares_kd_and_ce_students_on_held_out_modules(tmp_path)
     heldout = [json.loads(line)["text"] for line in (folder / "data" / "heldout.jsonl").read_text().splitlines()]
     # Whole modules are held out (the quick demo keeps only the start of each held-out module).
     assert heldout and not any(text.startswith(start) for text in train_texts for start in heldout)
+    # The student is pruned from the teacher trained here: its kept layer, narrower.
+    student = json.loads((folder / "student_init" / "config.json").read_text())
+    assert (student["num_hidden_layers"], student["hidden_size"], student["alambic_selected_layers"]) == (1, 16, [1])
     saved = json.loads((folder / "metrics.json").read_text())
     assert list(saved["models"]) == ["teacher", "kd_student", "ce_student"]
     teacher = saved["models"]["teacher"]["metrics"]

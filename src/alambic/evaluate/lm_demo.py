@@ -1,16 +1,24 @@
-"""`alambic demo --task lm`: a causal LM teacher trained on the Python standard library, distilled into a smaller one.
+"""`alambic demo --task lm`: a Llama-style teacher trained on the Python standard library, distilled into a smaller one.
 
-Everything is built here, offline and seeded: a byte-level BPE tokenizer and a
-small Llama-style teacher trained on the source of the running interpreter's
-standard library (test folders excluded; whole modules held out for the final
-evaluation and a few others for validation). The student has fewer layers and
-a smaller width; it is trained twice from the same init for the same steps,
-once with KD from the teacher (forward KL on the full next-token distribution)
-and once on the data alone (CE). The report gives held-out bits per byte and
-the share of the CE student's gap to the teacher that KD closes.
+Everything is offline and seeded. The teacher (4 layers, width 192, a byte-level
+BPE tokenizer of 2048 tokens) ships with the package in `alambic/assets/lm_teacher`
+(8.7 MB of safetensors): it was trained once for 2000 steps by
+`python -m alambic.evaluate.lm_teacher`, whose manifest lists the modules it saw;
+validation and held-out modules come only from the ones it never saw.
+`teacher_source=train` trains a teacher inside the demo instead (the old, slower
+and weaker way; also what `--quick` does with tiny sizes).
 
-    alambic demo --task lm            # about 10 minutes on 2 CPU cores
-    alambic demo --task lm --quick    # a few steps, for the tests
+The student has fewer layers and a smaller width (pruned from the teacher by
+default). It is trained twice from the same init, on the same small transfer set
+(24 of the teacher's modules) for the same steps: once with KD from the teacher
+(forward KL on the full next-token distribution) and once on the data alone
+(CE). The report gives held-out bits per byte and the share of the CE student's
+gap to the teacher that KD closes. Defaults were chosen on the validation
+modules (runs in docs/demo.md), never on the held-out ones.
+
+    alambic demo --task lm                         # about 5 minutes on 2 CPU cores
+    alambic demo --task lm student_init=random     # a randomly initialised student instead of one pruned from the teacher
+    alambic demo --task lm --quick                 # a few steps, for the tests
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
 from alambic.evaluate.bbc import write_jsonl
+from alambic.errors import ConfigError
 from alambic.evaluate.demo import MARKER, StageClock, console, prepare_output
 
 
@@ -36,7 +46,13 @@ class LMSize(Strict):
 class LMDemoConfig(Strict):
     output_dir: str = "runs/demo-lm"
     seed: int = 0
-    train_modules: int = Field(160, ge=2)
+    teacher_source: Literal["shipped", "train"] = Field(
+        "shipped", description="shipped: the packaged teacher (alambic/assets/lm_teacher); train: train one here")
+    student_init: Literal["prune", "random"] = Field(
+        "prune", description="prune: keep teacher layers `student_layers`, then prune width (Minitron-style); random")
+    student_layers: list[int] = Field([0, 3], min_length=1, description="teacher layers a pruned student keeps")
+    train_modules: int = Field(24, ge=2, description="the students' transfer set: this many of the teacher's "
+                               "training modules (a small set is where KD's soft targets matter most)")
     validation_modules: int = Field(6, ge=1)
     heldout_modules: int = Field(16, ge=1)
     vocab_size: int = Field(2048, ge=300)
@@ -46,8 +62,9 @@ class LMDemoConfig(Strict):
     student: LMSize = LMSize(layers=2, hidden=128, heads=4, intermediate=344)
     teacher_steps: int = Field(400, ge=1)
     teacher_lr: float = Field(2e-3, gt=0)
-    student_steps: int = Field(200, ge=1)
-    student_lr: float = Field(3e-3, gt=0)
+    student_steps: int = Field(300, ge=1)
+    student_lr: float = Field(1e-3, gt=0, description="1e-3 suits a pruned student; "
+                              "a random init wants ~3e-3")
     warmup_steps: int = Field(30, ge=0)
     objective: str = "forward_kl"
     temperature: float = Field(1.0, gt=0)
@@ -58,13 +75,20 @@ class LMDemoConfig(Strict):
     measure_speed: bool = True
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _pruned_depth(self) -> "LMDemoConfig":
+        if self.student_init == "prune" and len(self.student_layers) != self.student.layers:
+            raise ValueError(f"student_layers {self.student_layers} keeps {len(self.student_layers)} teacher layers "
+                             f"but student.layers is {self.student.layers}; make them agree")
+        return self
+
 
 LM_QUICK = {"output_dir": "runs/demo-lm-quick", "train_modules": 6, "validation_modules": 1, "heldout_modules": 2,
             "vocab_size": 400, "max_length": 32, "batch_size": 4,
             "teacher": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64},
             "student": {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32},
             "teacher_steps": 6, "student_steps": 4, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1,
-            "heldout_limit_bytes": 2000}
+            "heldout_limit_bytes": 2000, "teacher_source": "train", "student_layers": [1]}
 
 
 def lm_demo_config(config_path: str | None, overrides: list[str], quick: bool) -> LMDemoConfig:
@@ -75,15 +99,39 @@ def lm_demo_config(config_path: str | None, overrides: list[str], quick: bool) -
     return validate_mapping(raw, LMDemoConfig, config_path or "alambic demo --task lm")
 
 
-def prepare_corpus(config: LMDemoConfig, folder: Path) -> dict[str, Path]:
+def shipped_teacher() -> tuple[Path, dict]:
+    from alambic.evaluate.lm_teacher import SHIPPED, load_manifest
+
+    manifest = load_manifest(SHIPPED)
+    if manifest is None or not (SHIPPED / "model.safetensors").is_file():
+        raise ConfigError(f"the packaged LM teacher is missing from {SHIPPED}",
+                          "reinstall alambic, run `python -m alambic.evaluate.lm_teacher` to rebuild it, "
+                          "or use teacher_source=train")
+    return SHIPPED, manifest
+
+
+def corpus_splits(config: LMDemoConfig) -> dict[str, list[str]]:
+    """Texts of whole modules: train, validation, held-out (disjoint; never seen by a shipped teacher)."""
+    if config.teacher_source == "shipped":
+        from alambic.evaluate.lm_teacher import read_modules
+
+        modules = shipped_teacher()[1]["modules"]
+        return {"train": read_modules(modules["train"])[: config.train_modules],
+                "validation": read_modules(modules["validation"])[: config.validation_modules],
+                "heldout": read_modules(modules["heldout"])[: config.heldout_modules]}
     from alambic.data.stdlib_corpus import stdlib_module_texts
 
     pool, heldout = stdlib_module_texts(
-        n_train=config.train_modules + config.validation_modules, n_heldout=config.heldout_modules, seed=config.seed
+        n_train=config.train_modules + config.validation_modules, n_heldout=config.heldout_modules, seed=config.seed,
+        skip_generated=True,
     )
+    return {"train": pool[: config.train_modules], "validation": pool[config.train_modules :], "heldout": heldout}
+
+
+def prepare_corpus(config: LMDemoConfig, folder: Path) -> dict[str, Path]:
+    splits = corpus_splits(config)
     if config.heldout_limit_bytes:
-        heldout = [text[: config.heldout_limit_bytes] for text in heldout]
-    splits = {"train": pool[: config.train_modules], "validation": pool[config.train_modules :], "heldout": heldout}
+        splits["heldout"] = [text[: config.heldout_limit_bytes] for text in splits["heldout"]]
     paths = {}
     for name, texts in splits.items():
         paths[name] = write_jsonl([{"text": t} for t in texts], folder / "data" / f"{name}.jsonl")
@@ -110,15 +158,38 @@ def build_llama(config: LMDemoConfig, size: LMSize, tokenizer, target: Path, see
     return target
 
 
-def build_models(config: LMDemoConfig, paths: dict[str, Path], folder: Path) -> tuple[Path, Path]:
+def pruned_student(config: LMDemoConfig, teacher: Path, paths: dict[str, Path], target: Path) -> Path:
+    """Keep `student_layers` of the teacher, then its most important heads and channels on train text."""
+    from alambic.models.cli import CalibrationData, InitStudentConfig, WidthConfig, init_student
+
+    size = config.student
+    init_student(InitStudentConfig(
+        teacher={"model": str(teacher)}, output_dir=str(target), method="prune", layers=config.student_layers,
+        width=WidthConfig(heads_keep=size.heads, mlp_keep=size.intermediate, hidden_keep=size.hidden),
+        data=CalibrationData(calibration=str(paths["train"]), eval=str(paths["validation"]), calibration_samples=64,
+                             eval_samples=16, max_length=config.max_length),
+        device="cpu", progress=config.progress), overwrite=True)
+    console.print(f"{target.name}: teacher layers {config.student_layers}, width {size.hidden}, "
+                  f"{size.heads} heads, MLP {size.intermediate}")
+    return target
+
+
+def build_teacher_init(config: LMDemoConfig, paths: dict[str, Path], folder: Path) -> Path:
     from alambic.data import read_records
     from alambic.data.stdlib_corpus import build_tokenizer
 
-    train_texts = [r["text"] for r in read_records(paths["train"])]
-    tokenizer = build_tokenizer(train_texts, vocab_size=config.vocab_size)
-    teacher = build_llama(config, config.teacher, tokenizer, folder / "teacher_init", config.seed)
-    student = build_llama(config, config.student, tokenizer, folder / "student_init", config.seed + 1)
-    return teacher, student
+    tokenizer = build_tokenizer([r["text"] for r in read_records(paths["train"])], vocab_size=config.vocab_size)
+    return build_llama(config, config.teacher, tokenizer, folder / "teacher_init", config.seed)
+
+
+def build_student_init(config: LMDemoConfig, paths: dict[str, Path], teacher: Path, folder: Path) -> Path:
+    from alambic.models import load_tokenizer
+    from alambic.config import ModelConfig
+
+    if config.student_init == "prune":
+        return pruned_student(config, teacher, paths, folder / "student_init")
+    tokenizer = load_tokenizer(ModelConfig(model=str(teacher)), role="teacher")
+    return build_llama(config, config.student, tokenizer, folder / "student_init", config.seed + 1)
 
 
 def lm_train_config(config: LMDemoConfig, paths: dict[str, Path], student: Path, output: Path,
@@ -166,10 +237,16 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
     atomic_write_text(folder / MARKER, dump_config(config))
     clock = StageClock()
     paths = clock.run("data: standard library modules", prepare_corpus, config, folder)
-    teacher_init, student_init = clock.run("tokenizer and model inits", build_models, config, paths, folder)
-    teacher_run = clock.run("teacher: train on the corpus", train, lm_train_config(
-        config, paths, teacher_init, folder / "teacher", None, config.teacher_steps, config.teacher_lr))
-    teacher = teacher_run.output_dir / "final"
+    if config.teacher_source == "shipped":
+        teacher, manifest = shipped_teacher()
+        console.print(f"teacher: {teacher} (trained {manifest['steps']} steps by `{manifest['command']}`)")
+        teacher_run = None
+    else:
+        teacher_init = clock.run("teacher: init", build_teacher_init, config, paths, folder)
+        teacher_run = clock.run("teacher: train on the corpus", train, lm_train_config(
+            config, paths, teacher_init, folder / "teacher", None, config.teacher_steps, config.teacher_lr))
+        teacher = teacher_run.output_dir / "final"
+    student_init = clock.run("student: init", build_student_init, config, paths, teacher, folder)
     kd = clock.run("student: distil (KD)", train, lm_train_config(
         config, paths, student_init, folder / "kd_student", teacher, config.student_steps, config.student_lr))
     ce = clock.run("student: baseline (CE only)", train, lm_train_config(
@@ -182,7 +259,8 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
     report.update({
         "title": "Python stdlib: Llama-style teacher -> smaller student, KD vs CE at equal steps",
         "highlight": "kd_student", "eval_data": str(paths["heldout"]),
-        "curves": {"kd_student": kd.history, "ce_student": ce.history}, "teacher_curve": teacher_run.history,
+        "curves": {"kd_student": kd.history, "ce_student": ce.history},
+        "teacher_curve": teacher_run.history if teacher_run else None,
         "setup": config.model_dump(mode="json"),
     })
     report["targets"] = lm_targets(report)

@@ -1,0 +1,110 @@
+"""Train the LM demo's teacher once, seeded, and ship it (safetensors, < 20 MB) with the package.
+
+A teacher worth distilling is trained well past what the student gets at its
+budget; that takes ~20 minutes on 2 CPU cores, too long for every demo run, so
+this script trains it once and `alambic demo --task lm` loads the result from
+`alambic/assets/lm_teacher`. The manifest next to the weights records the
+command, the seed, the Python version and, by path, which standard-library
+modules the teacher trained on and which it never saw: the demo draws its
+validation and held-out modules only from the unseen ones, on any interpreter.
+
+    python -m alambic.evaluate.lm_teacher                      # writes src/alambic/assets/lm_teacher
+    python -m alambic.evaluate.lm_teacher --steps 50 --out /tmp/t   # a smoke run
+
+A killed run continues from its last checkpoint when started again (same command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "lm_teacher"
+MANIFEST = "manifest.json"
+RESERVED_VALIDATION, RESERVED_HELDOUT = 8, 40
+
+
+def stdlib_split(seed: int) -> dict[str, list[str]]:
+    """Module paths (relative to the stdlib root), shuffled with `seed`: validation, held-out, train."""
+    from alambic.data.stdlib_corpus import stdlib_files
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = [str(p.relative_to(root)) for p in stdlib_files(skip_generated=True)]
+    random.Random(seed).shuffle(paths)
+    reserved = RESERVED_VALIDATION + RESERVED_HELDOUT
+    return {"validation": paths[:RESERVED_VALIDATION], "heldout": paths[RESERVED_VALIDATION:reserved],
+            "train": paths[reserved:]}
+
+
+def read_modules(relative_paths: list[str]) -> list[str]:
+    """Texts of the listed modules that exist in this interpreter (another Python version may lack a few)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [(root / p).read_text(encoding="utf-8", errors="replace") for p in relative_paths if (root / p).is_file()]
+
+
+def load_manifest(folder: Path = SHIPPED) -> dict | None:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> dict:
+    from alambic.data.stdlib_corpus import build_tokenizer
+    from alambic.evaluate.bbc import write_jsonl
+    from alambic.evaluate.demo import train
+    from alambic.evaluate.lm_demo import LMDemoConfig, build_llama, lm_train_config
+    from alambic.training.checkpoint import atomic_write_text
+
+    config = LMDemoConfig(seed=seed, teacher_steps=steps, teacher_lr=lr, warmup_steps=100, eval_every=250)
+    split = stdlib_split(seed)
+    texts = {name: read_modules(paths) for name, paths in split.items() if name != "heldout"}
+    data = {name: write_jsonl([{"text": t} for t in rows], work / "data" / f"{name}.jsonl") for name, rows in texts.items()}
+    tokenizer = build_tokenizer(texts["train"], vocab_size=config.vocab_size)
+    init = work / "teacher_init"
+    if not (init / "config.json").exists():
+        build_llama(config, config.teacher, tokenizer, init, seed)
+    distill = lm_train_config(config, data, init, work / "teacher", None, steps, lr)
+    distill.train.save_every = 250  # resumable: the loop continues from the last checkpoint
+    from alambic.training.loop import run_distillation
+
+    run = run_distillation(distill)
+    final = run.output_dir / "final"
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(final, staging, ignore=shutil.ignore_patterns("*.md", "training_args*", "alambic_*"))
+    weights = (staging / "model.safetensors").read_bytes()
+    manifest = {
+        "command": "python -m alambic.evaluate.lm_teacher " + " ".join(sys.argv[1:]),
+        "python": sys.version.split()[0], "seed": seed, "steps": steps, "lr": lr,
+        "batch_size": config.batch_size, "max_length": config.max_length, "vocab_size": config.vocab_size,
+        "size": config.teacher.model_dump(), "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "final_eval": {k: v for k, v in run.history[-1].items() if k.startswith("eval_")} if run.history else {},
+        "modules": split,
+    }
+    atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(SHIPPED))
+    parser.add_argument("--work", default="runs/lm-teacher", help="checkpoints and data while training")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    manifest = train_teacher(Path(args.out), args.steps, args.seed, args.lr, Path(args.work))
+    print(json.dumps({k: manifest[k] for k in ("command", "steps", "final_eval", "weights_sha256")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
