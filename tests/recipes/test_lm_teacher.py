@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 
 import pytest
 
 from alambic.evaluate.lm_teacher import SHIPPED, load_manifest, read_modules, stdlib_split
-from test_demo import run_cli
+from test_demo import call_main, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_shipped_teacher_is_small_hashed_and_never_saw_its_evaluation_modules(ma
     assert not set(modules["train"]) & (set(modules["validation"]) | set(modules["heldout"]))
     assert len(modules["heldout"]) >= 16 and len(modules["validation"]) >= 6
     # The split is the seeded one the script draws: rerunning it on this interpreter names the same modules.
-    if manifest["python"].rsplit(".", 1)[0] == ".".join(map(str, __import__("sys").version_info[:2])):
+    if manifest["python"].rsplit(".", 1)[0] == ".".join(map(str, sys.version_info[:2])):
         assert stdlib_split(manifest["seed"]) == modules
 
 
@@ -72,3 +73,25 @@ def test_lm_demo_corpus_leaves_out_the_generated_codec_tables():
     tables = [p for p in everything if "encodings" in p.parts]
     assert tables and not any("encodings" in p.parts for p in without_tables)
     assert len(without_tables) == len(everything) - len(tables)
+
+
+def test_layers_the_teacher_lacks_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "lm"
+    code, output = call_main(monkeypatch, capsys, "demo", "--task", "lm", f"output_dir={folder}", "student_layers=[0, 9]")
+    assert code == 2 and "student_layers [0, 9]" in output and "0..3" in output
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("path, model", [("configs/demo_lm.yaml", "alambic.evaluate.lm_demo:LMDemoConfig"),
+                                         ("configs/demo_bbc.yaml", "alambic.evaluate.demo:DemoConfig")])
+def test_demo_configs_spell_out_the_defaults(path, model):
+    # Their headers say "its defaults": a changed default must be changed there too.
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    module, name = model.split(":")
+    schema = getattr(importlib.import_module(module), name)
+    written = yaml.safe_load((Path(__file__).parents[2] / path).read_text())
+    assert schema(**written).model_dump() == schema().model_dump()

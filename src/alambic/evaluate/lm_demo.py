@@ -55,10 +55,11 @@ class LMDemoConfig(Strict):
                                "training modules (a small set is where KD's soft targets matter most)")
     validation_modules: int = Field(6, ge=1)
     heldout_modules: int = Field(16, ge=1)
-    vocab_size: int = Field(2048, ge=300)
+    vocab_size: int = Field(2048, ge=300, description="teacher_source=train: its BPE tokenizer's size")
     max_length: int = Field(128, ge=16)
     batch_size: int = Field(16, ge=1)
-    teacher: LMSize = LMSize(layers=4, hidden=192, heads=4, intermediate=512)
+    teacher: LMSize = Field(LMSize(layers=4, hidden=192, heads=4, intermediate=512),
+                            description="teacher_source=train only (the shipped teacher has its own config)")
     student: LMSize = LMSize(layers=2, hidden=128, heads=4, intermediate=344)
     teacher_steps: int = Field(400, ge=1)
     teacher_lr: float = Field(2e-3, gt=0)
@@ -108,6 +109,14 @@ def shipped_teacher() -> tuple[Path, dict]:
                           "reinstall alambic, run `python -m alambic.evaluate.lm_teacher` to rebuild it, "
                           "or use teacher_source=train")
     return SHIPPED, manifest
+
+
+def check_before_writing(config: LMDemoConfig) -> None:
+    """Errors the run would hit minutes in (a missing teacher, layers it lacks), before the run folder exists."""
+    depth = shipped_teacher()[1]["size"]["layers"] if config.teacher_source == "shipped" else config.teacher.layers
+    if config.student_init == "prune" and not all(0 <= i < depth for i in config.student_layers):
+        raise ConfigError(f"student_layers {config.student_layers}: the teacher has {depth} layers",
+                          f"choose student_layers from 0..{depth - 1}")
 
 
 def corpus_splits(config: LMDemoConfig) -> dict[str, list[str]]:
@@ -232,6 +241,7 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
     from alambic.training.checkpoint import atomic_write_text
 
     hf_logging.set_verbosity_error()
+    check_before_writing(config)
     folder = Path(config.output_dir)
     prepare_output(folder)
     atomic_write_text(folder / MARKER, dump_config(config))

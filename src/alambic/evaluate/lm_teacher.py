@@ -60,6 +60,7 @@ def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> di
     from alambic.evaluate.demo import train
     from alambic.evaluate.lm_demo import LMDemoConfig, build_llama, lm_train_config
     from alambic.training.checkpoint import atomic_write_text
+    from alambic.training.loop import run_distillation
 
     config = LMDemoConfig(seed=seed, teacher_steps=steps, teacher_lr=lr, warmup_steps=100, eval_every=250)
     split = stdlib_split(seed)
@@ -71,8 +72,6 @@ def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> di
         build_llama(config, config.teacher, tokenizer, init, seed)
     distill = lm_train_config(config, data, init, work / "teacher", None, steps, lr)
     distill.train.save_every = 250  # resumable: the loop continues from the last checkpoint
-    from alambic.training.loop import run_distillation
-
     run = run_distillation(distill)
     final = run.output_dir / "final"
     staging = out.with_name(out.name + ".tmp")
