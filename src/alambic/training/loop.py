@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
+from alambic.data.transfer import drop_unlabelled_without_teacher
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
 from alambic.training.evaluation import evaluate
@@ -71,6 +72,7 @@ def run_distillation(
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
     teacher = setup.bind_teacher(train_data)
+    train_data = drop_unlabelled_without_teacher(train_data, teacher, print if is_main else (lambda _: None))
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
     if is_main:
         create_run_dir(config, overwrite and checkpoint is None)

@@ -16,6 +16,7 @@ import torch
 from alambic.config import LossConfig
 from alambic.data import IGNORE
 from alambic.losses import per_token_distillation_loss
+from alambic.losses.targets import hard_target_loss, sparse_hard_labels, teacher_hard_labels, without_gold
 from alambic.teachers.base import SignalRequest, TeacherSignal
 
 
@@ -44,6 +45,8 @@ def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> boo
         and task == "causal_lm"
         and "weight" not in batch
         and "token_weight" not in batch
+        and "has_label" not in batch  # unlabelled rows: the plain path drops their CE (losses/targets.py)
+        and _target_kind(loss_cfg) == "soft"
         and student.supports_fused_head()
         and _fused_available()
     )
@@ -85,11 +88,36 @@ def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fus
     if custom_loss is not None:  # e.g. a multi-teacher weighted sum of divergences
         per_token = custom_loss(student_logits, labels, shift=True)
     elif signal is not None and signal.topk_ids is not None:
-        per_token = _sparse_per_token(student_logits, _shift_sparse(signal), labels, loss_cfg)
+        shifted = _shift_sparse(signal)
+        if _target_kind(loss_cfg) == "hard":
+            per_token = hard_target_loss(student_logits, labels, _sparse_argmax(shifted), loss_cfg.alpha)
+        else:
+            per_token = _sparse_per_token(student_logits, shifted, labels, loss_cfg)
     else:
         teacher_logits = signal.full_logits()[:, :-1] if signal is not None else None
-        per_token = per_token_distillation_loss(student_logits, teacher_logits, labels, **loss_options(loss_cfg))
+        per_token = _dense_per_position(student_logits, teacher_logits, labels, loss_cfg)
+    if signal is not None:
+        per_token = without_gold(per_token, batch.get("has_label"))
+    elif "has_label" in batch:
+        mask = mask & batch["has_label"][:, None]
     return _sums(per_token, mask, weight)
+
+
+def _target_kind(loss_cfg) -> str:
+    return getattr(loss_cfg, "teacher_targets", "soft")
+
+
+def _dense_per_position(student_logits, teacher_logits, labels, loss_cfg) -> dict:
+    """The logit loss with dense teacher logits: soft targets (KD) or the teacher's argmax (hard targets)."""
+    if teacher_logits is not None and _target_kind(loss_cfg) == "hard":
+        return hard_target_loss(student_logits, labels, teacher_hard_labels(teacher_logits), loss_cfg.alpha)
+    return per_token_distillation_loss(student_logits, teacher_logits, labels, **loss_options(loss_cfg))
+
+
+def _sparse_argmax(shifted: TeacherSignal) -> torch.Tensor:
+    ids = sparse_hard_labels(shifted.topk_ids, shifted.topk_logprobs)
+    kd_mask = shifted.extras.get("kd_mask")
+    return ids if kd_mask is None else torch.where(kd_mask.bool(), ids, torch.full_like(ids, IGNORE))
 
 
 def _shift_sparse(signal: TeacherSignal) -> TeacherSignal:
@@ -147,18 +175,19 @@ def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig
         per_example = custom_loss(outputs["logits"], batch["labels"], shift=False)
     else:
         teacher_logits = signal.full_logits() if signal is not None else None
-        per_example = per_token_distillation_loss(
-            outputs["logits"], teacher_logits, batch["labels"], **loss_options(loss_cfg)
-        )
-    mask = torch.ones_like(batch["labels"], dtype=torch.bool)
-    return _sums(per_example, mask, batch.get("weight"))
+        per_example = _dense_per_position(outputs["logits"], teacher_logits, batch["labels"], loss_cfg)
+    has_label = batch["labels"] != IGNORE  # unlabelled rows (a transfer set) learn the teacher term alone
+    if signal is None:
+        return _sums(per_example, has_label, batch.get("weight"))
+    per_example = without_gold(per_example, has_label)
+    return _sums(per_example, torch.ones_like(has_label), batch.get("weight"))
 
 
 def loss_positions(batch: dict, task: str) -> int:
     """How many positions of `batch` carry a loss (the normaliser of a step)."""
     if task == "sequence_classification":
         return int(batch["labels"].shape[0])
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())  # rows without gold still carry the teacher term
 
 
 def loss_sums(student, batch, teacher, loss_cfg: LossConfig, task: str, extra_terms=()) -> dict:
