@@ -281,7 +281,7 @@ def targets(report: dict) -> list[str]:
 
 
 def write_results(text: str) -> None:
-    from alambic.cache.format import atomic_write_bytes
+    from alambic.durable import atomic_write_bytes
 
     current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     if START in current and END in current:

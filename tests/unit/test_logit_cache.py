@@ -193,7 +193,7 @@ def test_resume_after_kill_gives_the_uninterrupted_cache(tmp_path):
     assert resumed["shards"] == reference["shards"]
     for entry in reference["shards"]:
         assert (folder / entry["file"]).read_bytes() == (tmp_path / "reference" / entry["file"]).read_bytes()
-    assert not list(folder.glob("*.tmp"))
+    assert not list(folder.glob(".*.tmp-*"))
     LogitCache(folder, verify="all")  # every checksum passes
 
 

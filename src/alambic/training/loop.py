@@ -220,7 +220,7 @@ def _truncate_history(path: Path, step: int, is_main: bool) -> None:
     if not is_main or not path.exists():
         return
     kept = [r for r in _read_history(path) if r.get("step", 0) <= step]
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
