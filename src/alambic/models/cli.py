@@ -180,8 +180,8 @@ def describe(model, tokenizer, evaluation, teacher, config: InitStudentConfig, d
     """Shape, parameters and held-out CE / KL to the teacher of one model."""
     from alambic.models.quantize import count_parameters
     from alambic.teachers.live import LiveTeacher
-    from alambic.training.evaluation import evaluate
-    from alambic.training.module import StudentModule
+    from alambic.evaluate.heldout import evaluate
+    from alambic.models.module import StudentModule
 
     vocab = len(tokenizer)
     source = LiveTeacher(teacher, vocab) if teacher is not None else None

@@ -24,7 +24,7 @@ from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.training.evaluation import evaluate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
 from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler

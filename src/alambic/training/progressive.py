@@ -139,8 +139,8 @@ def _evaluate_against(spec, teacher_model, config: DistillConfig, device) -> dic
     from alambic.data import build_datasets
     from alambic.models import load_model, load_tokenizer
     from alambic.teachers.live import LiveTeacher
-    from alambic.training.evaluation import evaluate
-    from alambic.training.module import StudentModule
+    from alambic.evaluate.heldout import evaluate
+    from alambic.models.module import StudentModule
 
     tokenizer = load_tokenizer(spec, role="student")
     _, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)

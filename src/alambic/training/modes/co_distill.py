@@ -29,7 +29,7 @@ from alambic.errors import ConfigError
 from alambic.models import check_tokenizers_compatible, load_model, load_tokenizer
 from alambic.teachers.base import SignalRequest, TeacherSignal
 from alambic.teachers.ensemble import mixture_logits
-from alambic.training.module import StudentModule
+from alambic.models.module import StudentModule
 from alambic.training.objective import loss_options, student_module
 
 PEERS_KEY = "peers"
