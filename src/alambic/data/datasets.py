@@ -18,7 +18,7 @@ from alambic.config import DataConfig
 from alambic.data.files import read_records
 from alambic.data.formats import ENCODERS, IGNORE
 from alambic.data.soft_targets import collate_soft_targets, report_soft_targets
-from alambic.data.transfer import read_unlabelled
+from alambic.data.transfer import read_unlabelled, texts_hash
 from alambic.errors import DataError
 
 
@@ -27,6 +27,7 @@ class TokenizedDataset:
     rows: list[dict]
     fingerprint: str
     source: str
+    records_hash: str = ""  # the texts of the rows, in order, whatever the tokenizer (class-logit caches)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,7 +125,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer, task: str = "causal_lm", see
     unlabelled_records, unlabelled_rows = read_unlabelled(data_cfg, tokenizer, tokenize_records, read_records)
     train_rows = [dict(row) for _ in range(data_cfg.labelled_repeat) for row in train_rows] + unlabelled_rows
     fingerprint = _fingerprint(records + [{"__unlabelled__": r} for r in unlabelled_records], data_cfg, tokenizer)
-    train = TokenizedDataset(train_rows, fingerprint, data_cfg.train)
+    train = TokenizedDataset(train_rows, fingerprint, data_cfg.train,
+                             texts_hash(records * data_cfg.labelled_repeat + unlabelled_records, data_cfg))
     evaluation = None
     if eval_records is not None:
         eval_source = data_cfg.eval or f"{data_cfg.train} (held-out {data_cfg.eval_fraction:.0%})"

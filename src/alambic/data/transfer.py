@@ -86,3 +86,16 @@ def drop_unlabelled_without_teacher(train_data, teacher, announce=print):
 def pool_counts(rows: list[dict]) -> dict[str, int]:
     labelled = sum(1 for row in rows if has_gold(row))
     return {"labelled": labelled, "unlabelled": len(rows) - labelled}
+
+
+def texts_hash(records: list[dict], data_cfg) -> str:
+    """sha256 of the input text of every record, in order (the rows a classification logit cache covers)."""
+    import hashlib
+    import json
+
+    column = data_cfg.text_column
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record.get(column), default=str).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]

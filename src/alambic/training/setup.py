@@ -81,9 +81,9 @@ def build_models(config: DistillConfig, device) -> RunModels:
     if teacher_model is not None:
         teacher, evaluable, name = LiveTeacher(teacher_model, vocab_size), True, teacher_cfg.model
     elif teacher_cfg is not None and teacher_cfg.cache is not None:
-        from alambic.teachers.cached import CachedTeacher
+        from alambic.teachers.cached import open_cache
 
-        teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
+        teacher, name = open_cache(teacher_cfg.cache, config.task), f"logit cache {teacher_cfg.cache}"
     elif record_teacher is not None:  # a top-k on the records' own tokens only: not evaluable on other text
         teacher, name = record_teacher, record_teacher.name
     student = StudentModule(student_model, vocab_size).to(device)
