@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.data.transfer import drop_unlabelled_without_teacher
@@ -60,6 +61,7 @@ def run_distillation(
 ) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
+    check_compatible(config)
     checkpoint = inspect_run_dir(config, overwrite, resume)
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process

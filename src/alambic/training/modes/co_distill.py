@@ -137,15 +137,6 @@ def configure(setup, config) -> None:
     co_cfg = config.co_distill
     if co_cfg is None:
         return
-    for name, present in (("teacher", config.teacher is not None), ("teachers", bool(config.teachers)),
-                          ("cross_tokenizer", config.cross_tokenizer is not None)):
-        if present:
-            raise ConfigError(
-                f"co_distill is set together with {name}: in co-distillation the models teach each other",
-                f"remove {name} (or co_distill)",
-            )
-    if setup.teacher is not None:  # another mode (self-distillation) already chose the teacher
-        raise ConfigError("co_distill cannot be combined with a self_distill teacher", "set self_distill.teacher: none")
     peers = nn.ModuleList(_load_peer(path, k, setup, config) for k, path in enumerate(co_cfg.peers))
     setup.student.auxiliary[PEERS_KEY] = peers
     setup.teacher = CoDistillTeacher(setup.student, config.loss.temperature)

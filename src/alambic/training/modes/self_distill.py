@@ -146,17 +146,6 @@ def _self_teacher(setup, sd_cfg, task: str) -> nn.Module:
     return frozen.model
 
 
-def _check_exclusive(config) -> None:
-    others = [name for name, on in (("teacher", config.teacher is not None), ("teachers", bool(config.teachers)),
-                                    ("co_distill", config.co_distill is not None)) if on]
-    if others:
-        raise ConfigError(
-            f"self_distill.teacher is {config.self_distill.teacher!r} (the student teaches itself) but "
-            f"{others[0]} is also set",
-            f"remove {others[0]}, or set self_distill.teacher: none to keep it and train only early exits",
-        )
-
-
 def _add_early_exits(setup, sd_cfg, config) -> None:
     model = setup.student.model
     layers = model.config.num_hidden_layers
@@ -181,7 +170,6 @@ def configure(setup, config) -> None:
     if sd_cfg is None:
         return
     if sd_cfg.teacher != "none":
-        _check_exclusive(config)
         teacher_model = _self_teacher(setup, sd_cfg, config.task)
         setup.teacher = LiveTeacher(teacher_model, setup.vocab_size, name=f"self ({sd_cfg.teacher})")
         setup.teacher_model = teacher_model
