@@ -111,6 +111,9 @@ FEATURES: dict[str, Feature] = {
     "sequence_level": Feature("rollout.policy 'sequence_level'", lambda c: c.rollout.policy == "sequence_level"),
     "minillm": Feature("rollout.policy 'minillm'", lambda c: c.rollout.policy == "minillm"),
     "vllm": Feature("rollout.engine 'vllm'", lambda c: c.rollout.engine == "vllm"),
+    # transfer sets (data/transfer.py, losses/targets.py)
+    "unlabelled_pool": Feature("data.unlabelled", lambda c: c.data.unlabelled is not None),
+    "hard_targets": Feature("loss.teacher_targets 'hard'", lambda c: c.loss.teacher_targets == "hard"),
 }
 
 _ONE_TOKENIZATION = "it compares tensors position by position in one tokenization"
@@ -208,6 +211,15 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("record_logprobs", "representation", _RECORD, _RECORD_FIX),
     Incompatible("record_logprobs", "rollout", "a rollout replaces the completions the logprobs belong to",
                  _RECORD_FIX),
+    # transfer sets: the teacher labels the unlabelled rows
+    Incompatible("unlabelled_pool", "no_teacher_signal", "rows without gold labels learn only from a teacher",
+                 "add a teacher section (teacher.model or teacher.cache), or remove data.unlabelled"),
+    Incompatible("unlabelled_pool", "packing", "packed blocks would mix labelled and unlabelled rows",
+                 "set data.packing: false"),
+    Incompatible("hard_targets", "no_teacher_signal", "hard targets are the teacher's argmax",
+                 "add a teacher section, or remove loss.teacher_targets"),
+    Incompatible("hard_targets", "cross_tokenizer", "the teacher's argmax is a token of another vocabulary",
+                 "use loss.teacher_targets: soft"),
 )
 
 

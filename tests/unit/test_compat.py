@@ -53,6 +53,8 @@ EXAMPLES = {
     "sequence_level": {"rollout": {"policy": "sequence_level"}},
     "minillm": {"rollout": {"policy": "minillm"}, "loss": {"objective": "reverse_kl", "temperature": 1.0}},
     "vllm": {"rollout": {"engine": "vllm"}},
+    "unlabelled_pool": {"data": {"unlabelled": f"{MISSING}/transfer.jsonl"}},
+    "hard_targets": {"loss": {"teacher_targets": "hard"}},
 }
 
 
