@@ -94,7 +94,8 @@ def run_distillation(
         accelerator.init_trackers("alambic", config=_flat(config.model_dump(mode="json")))
 
     plan = BatchPlan(len(train_data), config.train.batch_size, accelerator.num_processes, config.train.grad_accum, config.train.seed)
-    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main)
+    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main,
+                                task=config.task)
     pad_id = tokenizer.pad_token_id
     last_eval: dict = {}
     student.train()
@@ -129,6 +130,8 @@ def run_distillation(
             hook(accelerator.unwrap_model(student), step)
 
         record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
+        if teacher is None and not totals["kd"]:  # supervised: there is no KD term to log
+            record.pop("kd")
         if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
             last_eval = evaluate(
                 accelerator.unwrap_model(student), teacher if setup.teacher_evaluable else None, eval_data,

@@ -6,8 +6,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainingProgress:
-    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, description: str = "distill"):
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, description: str = "distill",
+                 task: str = "causal_lm"):
         self.enabled = enabled
+        self.run_task = task
         if not enabled:
             return
         self.progress = Progress(
@@ -27,7 +29,11 @@ class TrainingProgress:
         if not self.enabled:
             return
         extra = ""
-        if "eval_kl" in record:
+        if self.run_task == "sequence_classification" and "eval_accuracy" in record:  # what a classifier is judged by
+            extra = f"eval accuracy {record['eval_accuracy']:.1%}"
+            if "eval_agreement" in record:
+                extra += f", agrees w/ teacher {record['eval_agreement']:.1%}"
+        elif "eval_kl" in record:
             extra = f"eval KL {record['eval_kl']:.4f}"
         elif "eval_ce" in record:
             extra = f"eval CE {record['eval_ce']:.4f}"
