@@ -93,4 +93,8 @@ def build_tiny_setup(folder: Path, teacher_steps: int = 150, seed: int = 0, prog
 
 
 if __name__ == "__main__":
-    print(build_tiny_setup(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"), progress=True))
+    from alambic.testing_classify import build_tiny_classifier
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
+    print(build_tiny_setup(root, progress=True))
+    print(build_tiny_classifier(root / "classify", progress=True))  # configs/classify_transfer.yaml

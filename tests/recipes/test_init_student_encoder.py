@@ -101,6 +101,17 @@ def test_trimmed_vocabulary_encodes_domain_text_to_the_same_tokens(bert, tmp_pat
         assert trimmed.convert_ids_to_tokens(trimmed(text)["input_ids"]) == original.convert_ids_to_tokens(original(text)["input_ids"])
     assert torch.allclose(student, teacher, atol=1e-5)  # same tokens, same embedding rows, same logits
     assert trimmed.pad_token_id == model.config.pad_token_id
+    # A live teacher reads a trimmed student's batches through vocab_map.json: its own ids, its own logits.
+    from alambic.teachers.base import SignalRequest
+    from alambic.teachers.live import LiveTeacher
+    from alambic.teachers.vocab_map import teacher_for_student
+
+    live = teacher_for_student(LiveTeacher(bert["model"]), original, trimmed, str(tmp_path / "trim"))
+    batch = trimmed(texts, padding=True, return_tensors="pt")
+    signal = live({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, SignalRequest())
+    assert torch.allclose(signal.logits, teacher, atol=1e-5)
+    with pytest.raises(Exception, match="vocab_map.json"):
+        teacher_for_student(LiveTeacher(bert["model"]), original, trimmed, str(tmp_path))
 
 
 def test_width_pruning_keeps_a_working_classifier_with_fewer_parameters(bert, tmp_path, capsys):

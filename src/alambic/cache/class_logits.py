@@ -48,21 +48,29 @@ def _refuse_existing(folder: Path, overwrite: bool) -> None:
 
 @torch.no_grad()
 def compute_class_logits(model, train_data, pad_token_id: int, batch_size: int, device, progress: bool) -> torch.Tensor:
-    """[rows, classes] float32 logits of `model` on every row of `train_data`, in order."""
+    """[rows, classes] float32 logits of `model` on every row of `train_data`, in order.
+
+    Identical rows (a labelled pool repeated by data.labelled_repeat) run through the teacher once.
+    """
     from alambic.data import collate
 
+    first: dict[tuple, int] = {}
+    slot = [first.setdefault(tuple(train_data[i]["input_ids"]), len(first)) for i in range(len(train_data))]
+    unique = [None] * len(first)
+    for index, position in enumerate(slot):
+        if unique[position] is None:
+            unique[position] = train_data[index]
     chunks = []
-    starts = range(0, len(train_data), batch_size)
+    starts = range(0, len(unique), batch_size)
     if progress:
         from rich.progress import track
 
         starts = track(starts, description="teacher logits", transient=True)
     for start in starts:
-        indices = list(range(start, min(start + batch_size, len(train_data))))
-        batch = collate([train_data[i] for i in indices], pad_token_id)
+        batch = collate(unique[start : start + batch_size], pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         chunks.append(logits.float().cpu())
-    return torch.cat(chunks)
+    return torch.cat(chunks)[torch.tensor(slot, dtype=torch.long)]
 
 
 def write_class_logit_cache(folder: str | Path, logits: torch.Tensor, identity: dict, overwrite: bool = False) -> dict:

@@ -139,6 +139,7 @@ def init_encoder_student(config, overwrite: bool = False) -> dict:
     """Build, save (atomically) and describe an encoder classifier student; returns the report."""
     from alambic.durable import atomic_dir, atomic_write_json
     from alambic.models import freeze, load_model, load_tokenizer
+    from alambic.models.vocab_trim import write_vocab_map
 
     refuse_mismatched_task("sequence_classification", config.teacher.model)
     output = Path(config.output_dir)
@@ -168,6 +169,8 @@ def init_encoder_student(config, overwrite: bool = False) -> dict:
     with atomic_dir(output) as temporary:
         student.save_pretrained(temporary, safe_serialization=True)
         student_tokenizer.save_pretrained(temporary)
+        if kept is not None:  # a live teacher translates the student's ids back (teachers/vocab_map.py)
+            write_vocab_map(temporary, kept, len(tokenizer))
         atomic_write_json(temporary / "init_report.json", report)
     return report
 

@@ -72,6 +72,15 @@ def kept_token_ids(tokenizer, texts: list[str], max_length: int | None, min_coun
     return sorted(keep)
 
 
+VOCAB_MAP = "vocab_map.json"  # the teacher id of every student id (teachers/vocab_map.py reads it)
+
+
+def write_vocab_map(folder: Path, kept: list[int], teacher_vocab_size: int) -> None:
+    from alambic.durable import atomic_write_json
+
+    atomic_write_json(Path(folder) / VOCAB_MAP, {"teacher_ids": list(kept), "teacher_vocab_size": teacher_vocab_size})
+
+
 def _remap_ids(node, mapping: dict[int, int]):
     """Every {"ids": [...]} list inside a post-processor, remapped."""
     if isinstance(node, dict):

@@ -8,6 +8,7 @@ from alambic.config import DistillConfig
 from alambic.errors import ModelError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.live import LiveTeacher
+from alambic.teachers.vocab_map import teacher_for_student
 from alambic.training.modes import configure_modes
 from alambic.models.module import StudentModule
 
@@ -79,6 +80,8 @@ def build_models(config: DistillConfig, device) -> RunModels:
     teacher, evaluable, name = None, False, None
     if teacher_model is not None:
         teacher, evaluable, name = LiveTeacher(teacher_model, vocab_size), True, teacher_cfg.model
+        if config.task == "sequence_classification":  # a trimmed-vocabulary student: the teacher reads its own ids
+            teacher = teacher_for_student(teacher, teacher_tokenizer, tokenizer, config.student.model)
     elif teacher_cfg is not None and teacher_cfg.cache is not None:
         from alambic.teachers.cached import open_cache
 
