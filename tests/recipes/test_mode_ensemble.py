@@ -10,7 +10,7 @@ from alambic.losses import per_token_distillation_loss
 from alambic.teachers.base import SignalRequest
 from alambic.teachers.ensemble import confidence_weights, dense_logprobs_from_topk, mixture_logits
 from alambic.training.loop import run_distillation
-from alambic.training.objective import loss_options
+from alambic.training.step_loss import loss_options
 from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, first_batch, micro_config
 

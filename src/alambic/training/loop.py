@@ -27,7 +27,7 @@ from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
 from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
-from alambic.training.objective import loss_positions, loss_sums
+from alambic.training.step_loss import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.run_dir import create_run_dir, inspect_run_dir

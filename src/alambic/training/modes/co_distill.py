@@ -30,7 +30,7 @@ from alambic.models import check_tokenizers_compatible, load_model, load_tokeniz
 from alambic.teachers.base import SignalRequest, TeacherSignal
 from alambic.teachers.ensemble import mixture_logits
 from alambic.models.module import StudentModule
-from alambic.training.objective import loss_options, student_module
+from alambic.training.step_loss import loss_options, student_module
 
 PEERS_KEY = "peers"
 PEER_LOGITS = "_peer_logits"

@@ -24,7 +24,7 @@ from alambic.losses import token_cross_entropy
 from alambic.losses.cross_tokenizer import projected_teacher_kl, uld_distance
 from alambic.models.alignment import align_positions, char_ends, same_vocabulary, student_row_ends, vocabulary_map
 from alambic.teachers.base import SignalRequest, TeacherSignal
-from alambic.training.objective import student_module
+from alambic.training.step_loss import student_module
 
 
 class CrossTokenizerTeacher:

@@ -15,7 +15,7 @@ from alambic.errors import ConfigError, DataError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.ensemble import EnsembleTeacher, Member, RouteTable
 from alambic.teachers.live import LiveTeacher
-from alambic.training.objective import loss_options
+from alambic.training.step_loss import loss_options
 
 
 def teacher_names(teachers) -> list[str]:

@@ -34,7 +34,7 @@ from alambic.losses.representation import (
     sample_relation_mse,
     token_relation_mse,
 )
-from alambic.training.objective import student_module
+from alambic.training.step_loss import student_module
 
 AUXILIARY_KEY = "representation"
 

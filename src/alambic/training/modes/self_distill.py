@@ -31,7 +31,7 @@ from alambic.losses.representation import masked_mean_pool
 from alambic.models import freeze, load_model
 from alambic.teachers.ema import FrozenCopy, ema_update
 from alambic.teachers.live import LiveTeacher
-from alambic.training.objective import loss_options, student_module
+from alambic.training.step_loss import loss_options, student_module
 
 TEACHER_KEY = "self_distill_teacher"
 EXITS_KEY = "early_exits"
