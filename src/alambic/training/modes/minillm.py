@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from alambic.data import IGNORE
-from alambic.training.modes.rollouts import (
+from alambic.training.sampling import (
     eval_mode, left_pad, prompt_lengths, rebuild_batch, rollout_seed, split_prompts,
 )
 
