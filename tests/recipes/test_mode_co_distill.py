@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from alambic.config import DistillConfig
 from alambic.training.loop import run_distillation
 from alambic.training.modes.co_distill import others_mixture
-from alambic.training.objective import loss_sums
+from alambic.training.step_loss import loss_sums
 from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, first_batch, micro_config
 

@@ -56,7 +56,7 @@ def test_cross_tokenizer_divergence_decreases(tiny_setup, other_student, tmp_pat
 def test_alpha_mixes_ce_and_divergence(tiny_setup, other_student):
     """The term's total is alpha * CE + (1 - alpha) * divergence once the main path's CE is added."""
     from alambic.data import build_datasets, collate
-    from alambic.training.objective import loss_sums
+    from alambic.training.step_loss import loss_sums
     from alambic.training.setup import build_models
 
     mapping = _config(tiny_setup, other_student, "unused", "uld", alpha=0.3)

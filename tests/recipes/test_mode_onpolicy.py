@@ -11,7 +11,7 @@ from helpers import expect_exit_2, kd_config, write_config
 from alambic.config import DistillConfig
 from alambic.data import IGNORE
 from alambic.training.modes import rollouts
-from alambic.training.modes.rollouts import (
+from alambic.training.sampling import (
     hf_generate, prompt_lengths, rollout_seed, samples_at, split_prompts,
 )
 
@@ -49,7 +49,7 @@ def test_on_policy_batches_are_student_samples_scored_by_the_teacher(tiny_setup,
     from alambic.teachers.live import LiveTeacher
     from alambic.training.loop import run_distillation
     from alambic.models.module import StudentModule
-    from alambic.training.objective import loss_sums
+    from alambic.training.step_loss import loss_sums
 
     calls = _spy(monkeypatch)
     config = DistillConfig.model_validate(_rollout_config(tiny_setup, tmp_path, "on_policy", **{"lambda": 1.0}))

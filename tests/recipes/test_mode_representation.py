@@ -7,7 +7,7 @@ from safetensors import safe_open
 from alambic.config import DistillConfig
 from alambic.losses.representation import attention_mse
 from alambic.training.loop import run_distillation
-from alambic.training.objective import loss_sums
+from alambic.training.step_loss import loss_sums
 from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, classifier_config, first_batch, micro_config
 

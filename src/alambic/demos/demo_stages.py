@@ -1,4 +1,4 @@
-"""The stages of the classification demo, each a plain function of the demo config (evaluate/demo.py runs them).
+"""The stages of the classification demo, each a plain function of the demo config (demos/demo.py runs them).
 
 Every stage goes through a user-facing entry point of alambic, so the demo shows
 what a user would run: `distill` (teacher fine-tune and the three student arms),
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alambic.evaluate.bbc import BBC_CLASSES, load_bbc, split_bbc, subsample, write_jsonl
+from alambic.demos.bbc import BBC_CLASSES, load_bbc, split_bbc, subsample, write_jsonl
 
 # The three student arms: (name, what teaches it)
 ARMS = {
@@ -104,7 +104,7 @@ def label_transfer_set(config, paths: dict, teacher: Path, folder: Path) -> Path
 
 def build_student(config, paths: dict, teacher: Path, folder: Path) -> tuple[Path, dict]:
     """`alambic init-student`: fewer layers, narrower (pruned on the transfer text), the domain's vocabulary."""
-    from alambic.models.cli import InitStudentConfig
+    from alambic.models.init_student import InitStudentConfig
     from alambic.models.encoder_init import init_encoder_student
 
     raw = {"task": "sequence_classification", "teacher": {"model": str(teacher)},

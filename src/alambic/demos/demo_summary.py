@@ -9,19 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
+from alambic.evaluate.console import table_console
 from alambic.evaluate.ratios import versus_teacher
 
 LABELS = {"teacher": "teacher", "gold_only": "(a) gold only", "hard_labels": "(b) teacher hard labels",
           "soft_targets": "(c) teacher soft targets"}
-
-
-def table_console() -> Console:
-    """A console whose tables are never cut: a terminal's own width (at least 120), 200 columns when piped."""
-    console = Console()
-    return Console(width=max(console.width, 120)) if console.is_terminal else Console(width=200, soft_wrap=True)
 
 
 def _speed_cell(metrics: dict, teacher: dict) -> str:
