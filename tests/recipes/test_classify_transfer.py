@@ -77,3 +77,23 @@ def test_hard_targets_and_no_teacher_runs_from_the_same_config(micro, tmp_path, 
     code, out, err = invoke(capsys, "distill", config, "teacher=null", "data.unlabelled=null",
                             f"train.output_dir={tmp_path / 'gold'}")
     assert code == 0, err
+
+
+def test_causal_lm_transfer_pool_trains_on_the_teacher_term_only(micro, tmp_path, capsys):
+    """An LM run with data.unlabelled: its rows carry KD and no CE; the first step's sums say so."""
+    from tests.recipes.modes_micro import build_setup, first_batch, micro_config
+
+    from alambic.training.step_loss import loss_sums
+
+    mapping = micro_config(micro, tmp_path / "lm", loss={"objective": "forward_kl", "temperature": 1.0, "alpha": 0.5})
+    mapping["data"]["unlabelled"] = str(micro["eval"])
+    setup, config = build_setup(mapping)
+    batch = first_batch({**mapping, "train": {**mapping["train"], "batch_size": 20}}, setup)
+    assert "has_label" in batch and (~batch["has_label"]).any() and batch["has_label"].any()
+    sums = loss_sums(setup.student, batch, setup.teacher, config.loss, config.task)
+    only_gold = {k: v[batch["has_label"]] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    gold_sums = loss_sums(setup.student, dict(only_gold), setup.teacher, config.loss, config.task)
+    assert float(sums["ce"].detach()) == pytest.approx(float(gold_sums["ce"].detach()), rel=1e-4)  # unlabelled rows add no CE
+    assert float(sums["kd"].detach()) > float(gold_sums["kd"].detach())  # ... but they add KD
+    code, _, err = invoke(capsys, "distill", write_config(tmp_path / "lm.yaml", mapping))
+    assert code == 0, err

@@ -37,3 +37,12 @@ def test_tables_are_not_cut_when_piped(monkeypatch):
 
     assert "value 5 of width" in printed(console.width) and "…" not in printed(console.width)
     assert "value 5 of width" not in printed(80)  # rich's default width for a pipe squeezes the table
+
+
+def test_classifier_progress_line_shows_accuracy_not_cross_entropy():
+    from alambic.training.progress import progress_extra
+
+    record = {"eval_ce": 0.31, "eval_ppl": 1.36, "eval_accuracy": 0.925, "eval_kl": 0.02, "eval_agreement": 0.95}
+    assert progress_extra(record, "sequence_classification") == "eval accuracy 92.5%, agrees w/ teacher 95.0%"
+    assert progress_extra(record, "causal_lm") == "eval KL 0.0200"
+    assert progress_extra({"eval_ce": 2.5}, "causal_lm") == "eval CE 2.5000"

@@ -28,17 +28,23 @@ class TrainingProgress:
     def update(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
-        extra = ""
-        if self.run_task == "sequence_classification" and "eval_accuracy" in record:  # what a classifier is judged by
-            extra = f"eval accuracy {record['eval_accuracy']:.1%}"
-            if "eval_agreement" in record:
-                extra += f", agrees w/ teacher {record['eval_agreement']:.1%}"
-        elif "eval_kl" in record:
-            extra = f"eval KL {record['eval_kl']:.4f}"
-        elif "eval_ce" in record:
-            extra = f"eval CE {record['eval_ce']:.4f}"
+        extra = progress_extra(record, self.run_task)
         self.progress.update(self.task, completed=step, loss=record["loss"], tps=record["tokens_per_s"], extra=extra)
 
     def close(self) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+def progress_extra(record: dict, task: str) -> str:
+    """The held-out figure of the progress line: accuracy for classifiers, KL or CE for language models."""
+    if task == "sequence_classification" and "eval_accuracy" in record:  # what a classifier is judged by
+        extra = f"eval accuracy {record['eval_accuracy']:.1%}"
+        if "eval_agreement" in record:
+            extra += f", agrees w/ teacher {record['eval_agreement']:.1%}"
+        return extra
+    if "eval_kl" in record:
+        return f"eval KL {record['eval_kl']:.4f}"
+    if "eval_ce" in record:
+        return f"eval CE {record['eval_ce']:.4f}"
+    return ""
