@@ -24,6 +24,7 @@ from alambic.config_modes import (
     RolloutConfig,
     SelfDistillConfig,
 )
+from alambic.config_scale import FSDPConfig, Strategy
 from alambic.errors import ConfigError
 from alambic.objectives import OBJECTIVES
 
@@ -137,6 +138,8 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     progress: bool = True
+    strategy: Strategy = Field("ddp", description="ddp: a full replica per process; fsdp: sharded (docs/scale.md)")
+    fsdp: FSDPConfig = FSDPConfig()
 
 
 class DistillConfig(Strict):

@@ -48,14 +48,19 @@ The full resolved configuration is in `config.yaml` next to this folder.
 """
 
 
-def export_student(student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name) -> Path:
-    """Write run_dir/final atomically (temp folder, then rename)."""
+def export_student(
+    student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name, state_dict=None
+) -> Path:
+    """Write run_dir/final atomically (temp folder, then rename).
+
+    `state_dict`: the full weights when the module holds only shards (FSDP), gathered by the caller.
+    """
     final = Path(run_dir) / "final"
     temporary = Path(run_dir) / f".tmp-final-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
     model = student_module.model
-    model.save_pretrained(temporary, safe_serialization=True)
+    model.save_pretrained(temporary, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(temporary)
     parameters = sum(p.numel() for p in model.parameters())
     (temporary / "README.md").write_text(model_card(config, teacher_name, metrics, parameters))

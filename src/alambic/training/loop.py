@@ -23,9 +23,8 @@ from accelerate.utils import set_seed
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
-from alambic.training.checkpoint import load_checkpoint, save_checkpoint
+from alambic.training.distributed import make_strategy
 from alambic.training.evaluation import evaluate
-from alambic.training.export import export_student
 from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
@@ -65,9 +64,10 @@ def run_distillation(
     if print_config and is_main:
         print(dump_config(config))
     set_seed(config.train.seed)
+    strategy = make_strategy(config, accelerator)  # ddp or fsdp (training/distributed.py)
 
     # Models and data: the student is what trains; the teacher source is what it learns from.
-    setup = build_models(config, accelerator.device)
+    setup = build_models(config, strategy.build_device)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
     teacher = setup.bind_teacher(train_data)
@@ -76,13 +76,12 @@ def run_distillation(
         create_run_dir(config, overwrite and checkpoint is None)
     accelerator.wait_for_everyone()
 
-    optimizer = build_optimizer(student, config.train)
-    scheduler = build_scheduler(optimizer, config.train)
+    student, optimizer = strategy.prepare(setup, lambda module: build_optimizer(module, config.train))
     # The scheduler is stepped by hand once per optimiser step: accelerate would step it once per process.
-    student, optimizer = accelerator.prepare(student, optimizer)
+    scheduler = build_scheduler(optimizer, config.train)
     start_step = 0
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
+        start_step = strategy.load_checkpoint(checkpoint, student, optimizer, scheduler)["step"]
         if is_main:
             print(f"resuming from {checkpoint} (step {start_step})")
     _truncate_history(run_dir / "metrics.jsonl", start_step, is_main)
@@ -108,26 +107,26 @@ def run_distillation(
         for micro, batch in enumerate(batches):
             input_tokens += int(batch["attention_mask"].sum())
             last_micro = micro == len(batches) - 1
-            with accelerator.no_sync(student) if not last_micro else _nullcontext():
+            with strategy.micro_step(student, last_micro):
                 sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
                 # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
                 scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
-                accelerator.backward(scaled)
+                strategy.backward(scaled)
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
         grad_norm = None
         if config.train.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), config.train.max_grad_norm))
+            grad_norm = strategy.clip_grad_norm(student, config.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         for hook in setup.after_step:  # e.g. an EMA teacher follows the student
-            hook(accelerator.unwrap_model(student), step)
+            hook(strategy.unwrap(student), step)
 
         record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
         if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
             last_eval = evaluate(
-                accelerator.unwrap_model(student), teacher if setup.teacher_evaluable else None, eval_data,
+                strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,
                 config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
             )
             record.update(last_eval)
@@ -139,25 +138,20 @@ def run_distillation(
         if _DEBUG_STEP_SLEEP:  # lets kill/resume tests stop a run between steps reliably
             time.sleep(_DEBUG_STEP_SLEEP)
         if config.train.save_every and step % config.train.save_every == 0:
-            accelerator.wait_for_everyone()
-            if is_main:
-                save_checkpoint(
-                    run_dir, step, accelerator.unwrap_model(student), optimizer, scheduler,
-                    {"loss": record["loss"]}, config.train.keep_last,
-                )
-            accelerator.wait_for_everyone()
+            strategy.save_checkpoint(run_dir, step, student, optimizer, scheduler, {"loss": record["loss"]}, config.train.keep_last)
     progress.close()
 
     accelerator.wait_for_everyone()
     history = _read_history(run_dir / "metrics.jsonl")
+    strategy.export(student, tokenizer, run_dir, last_eval, setup.teacher_name)
     if is_main:
-        export_student(accelerator.unwrap_model(student), tokenizer, config, run_dir, last_eval, setup.teacher_name)
         for hook in setup.after_train:  # e.g. co-distillation saves its peers
-            hook(accelerator.unwrap_model(student), run_dir)
+            hook(strategy.unwrap(student), run_dir)
     accelerator.wait_for_everyone()
     if config.train.trackers:
         accelerator.end_training()
-    return RunResult(run_dir, last_eval, history, accelerator.unwrap_model(student))
+    strategy.close()
+    return RunResult(run_dir, last_eval, history, strategy.unwrap(student))
 
 
 def _load_batch(dataset, indices: list[int], pad_id: int, device) -> dict:
@@ -170,14 +164,6 @@ def _count_across_ranks(accelerator, local_count: int) -> int:
         return int(local_count)
     total = accelerator.reduce(torch.tensor([float(local_count)], device=accelerator.device), reduction="sum")
     return int(total.item())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _due(step: int, every: int, last: int) -> bool:
