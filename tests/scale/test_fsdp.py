@@ -160,3 +160,32 @@ def test_resume_two_to_one_and_one_to_two_processes(fsdp_run, tmp_path):
     config = write_config(tmp_path / "two.yaml", {**fsdp_run["mapping"], "train": {**fsdp_run["mapping"]["train"], "output_dir": str(two)}})
     _torchrun(config, tmp_path / "report", resume=True)  # --resume: batch_size went back from 4 to 2
     _assert_same_weights(_final(two), _final(fsdp_run["run"]))
+
+
+def _cache(setup, tmp_path) -> Path:
+    from alambic.cache.cli import cache_logits
+
+    config = write_config(tmp_path / "cache.yaml", kd_config(setup, tmp_path / "unused"))
+    cache_logits(str(config), [], 16, str(tmp_path / "cache"), 64, 8, "auto", 250, False, False, "cpu", False)
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("path", ["sft", "plain_logits", "top_k", "cache"])
+def test_each_loss_path_under_fsdp_equals_the_plain_path(path, tiny_setup, tmp_path):
+    """One process in a 1-process group: the same FSDP wrapping (DTensor parameters, gathered heads)."""
+    mapping = kd_config(tiny_setup, tmp_path / "plain", max_steps=3, batch_size=4, eval_every=0)
+    mapping["loss"]["alpha"] = 0.5
+    if path == "sft":
+        mapping["teacher"], mapping["loss"]["alpha"] = None, 1.0
+    elif path == "plain_logits":
+        mapping["loss"]["fused"] = False
+    elif path == "top_k":
+        mapping["loss"]["top_k"] = 8
+    elif path == "cache":
+        mapping["teacher"] = {"cache": str(_cache(tiny_setup, tmp_path))}
+    plain = run_distillation(DistillConfig.model_validate(mapping))
+    mapping["train"] = {**mapping["train"], "strategy": "fsdp", "output_dir": str(tmp_path / "fsdp")}
+    sharded = run_distillation(DistillConfig.model_validate(mapping))
+    for a, b in zip(sharded.history, plain.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    _assert_same_weights(_final(sharded.output_dir), _final(plain.output_dir))

@@ -2,12 +2,12 @@
 
 A checkpoint is the same `checkpoints/step-000123/` folder as under ddp, made
 the same way: every process writes its own shard of the student and of the
-AdamW state (`__<rank>_0.distcp`, in parallel) plus its RNG state into a
-temporary sibling folder `.tmp-step-000123`; after a barrier the main process
-writes the scheduler and `state.json`, fsyncs every file and the folder, and
-renames it into place. A run killed at any moment (kill -9 of any process)
-leaves only complete step folders (a folder counts once it holds `state.json`,
-written last); the temporary one is removed by the next save.
+AdamW state (`__<rank>_0.distcp`, in parallel) plus its RNG state into one
+temporary sibling folder (`alambic.durable.atomic_dir`, owned by the main
+process); after a barrier the main process writes the scheduler and
+`state.json`, fsyncs every file and the folder, and renames it into place. A
+run killed at any moment (kill -9 of any process) leaves only complete step
+folders; a temporary one is hidden (its name starts with a dot) and ignored.
 
 Distributed Checkpoint stores each tensor with its global shape and the piece
 each rank held, so a checkpoint resumes on any number of processes (2 -> 1,
@@ -17,20 +17,18 @@ each rank held, so a checkpoint resumes on any number of processes (2 -> 1,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from alambic.durable import atomic_dir, atomic_write_json, fsync_file
 from alambic.errors import ConfigError
 from alambic.training.checkpoint import (
     CHECKPOINT_PREFIX,
     _rng_as_tensors,
     _rng_from_tensors,
-    fsync_dir,
-    fsync_file,
     list_checkpoints,
     restore_rng_state,
     rng_state,
@@ -58,39 +56,40 @@ def _state(student, optimizer) -> dict:
 
 
 def save_dcp_checkpoint(run_dir, step: int, student, optimizer, scheduler, extra: dict, keep_last: int, rank: int) -> Path:
-    """Collective: every process calls it. Returns the step folder."""
+    """Collective: every process calls it. Returns the step folder.
+
+    The main process owns the step folder's `atomic_dir` (alambic.durable): it
+    creates the temporary sibling, tells every process its name, and publishes
+    it once every process has written and fsynced its shard.
+    """
+    final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+    if rank == 0:
+        with atomic_dir(final) as temporary:  # re-saving a step after a resume replaces it whole
+            _write_shards(temporary, step, student, optimizer, scheduler, extra, rank)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        _write_shards(None, step, student, optimizer, scheduler, extra, rank)
+    dist.barrier()
+    return final
+
+
+def _write_shards(temporary: Path | None, step, student, optimizer, scheduler, extra, rank) -> None:
     import torch.distributed.checkpoint as dcp
 
-    folder = Path(run_dir) / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    temporary = folder / f".tmp-{final.name}"  # the same name on every process (no pid)
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():  # left by a killed run
-            shutil.rmtree(temporary)
-        temporary.mkdir()
-    dist.barrier()
-    dcp.save(_state(student, optimizer), checkpoint_id=str(temporary))
+    name = [str(temporary) if temporary is not None else None]
+    dist.broadcast_object_list(name, src=0)
+    temporary = Path(name[0])
+    dcp.save(_state(student, optimizer), checkpoint_id=str(temporary))  # each process writes its own shard
     rng_file = temporary / f"rng-rank{rank}.pt"
     torch.save(_rng_as_tensors(rng_state()), rng_file)
     for own in [rng_file, *temporary.glob(f"__{rank}_*.distcp")]:
         fsync_file(own)
-    dist.barrier()
+    dist.barrier()  # every shard is on disk before the main process publishes the folder
     if rank == 0:
         torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
         state = {"step": step, "format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), **extra}
-        (temporary / "state.json").write_text(json.dumps(state, indent=2))
-        for name in ("scheduler.pt", "state.json", METADATA):
-            fsync_file(temporary / name)
-        fsync_dir(temporary)
-        if final.exists():  # re-saving a step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        fsync_dir(folder)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+        atomic_write_json(temporary / "state.json", state)
 
 
 def load_dcp_checkpoint(path, student, optimizer, scheduler, rank: int) -> dict:
