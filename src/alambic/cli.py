@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "alambic.models.cli",  # init-student
     "alambic.training.progressive_cli",  # progressive
     "alambic.training.reward_cli",  # reward-distill
+    "alambic.plan.cli",  # plan
 )
 
 
