@@ -33,12 +33,13 @@ def _mapping(setup, output_dir, batch_size=2):
     return mapping
 
 
-def _torchrun(config: Path, report: Path, extra_env=None, wait=True, resume=False):
+def _torchrun(config: Path, report: Path, extra_env=None, wait=True, resume=False, accelerate=False):
     report.mkdir(exist_ok=True)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(WORKER), str(config), str(report), *(["--resume"] if resume else []),
-    ]
+    launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    if accelerate:  # the documented other launcher: a plain multi-process Accelerate launch
+        launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [sys.executable, "-m", *launcher, str(WORKER), str(config), str(report), *(["--resume"] if resume else [])]
     env = {**ENV, **(extra_env or {})}
     if not wait:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -158,8 +159,20 @@ def test_resume_two_to_one_and_one_to_two_processes(fsdp_run, tmp_path):
     # 1 -> 2: the checkpoint at step 4 written by that 1 process, continued by 2.
     two = _copy_at(one, 4, tmp_path / "two")
     config = write_config(tmp_path / "two.yaml", {**fsdp_run["mapping"], "train": {**fsdp_run["mapping"]["train"], "output_dir": str(two)}})
-    _torchrun(config, tmp_path / "report", resume=True)  # --resume: batch_size went back from 4 to 2
+    _torchrun(config, tmp_path / "report", resume=True, accelerate=True)  # --resume: batch_size went back from 4 to 2
     _assert_same_weights(_final(two), _final(fsdp_run["run"]))
+    report = json.loads((tmp_path / "report" / "rank1.json").read_text())
+    assert report["world_size"] == 2 and report["student_local"] * 2 == report["student_full"]  # sharded under accelerate launch
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerate_fsdp_or_deepspeed_plugins_are_refused(variable, tiny_setup, tmp_path, monkeypatch):
+    from alambic.errors import ConfigError
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match="train.strategy"):
+        run_distillation(DistillConfig.model_validate(_mapping(tiny_setup, tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
 
 
 def _cache(setup, tmp_path) -> Path:

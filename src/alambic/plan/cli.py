@@ -78,6 +78,7 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
     work = Workload(
         batch=config.train.batch_size, length=config.data.max_length, fused=config.loss.fused,
         chunk=config.loss.chunk_size, activation_checkpointing=config.train.fsdp.activation_checkpointing, top_k=k,
+        activation_bytes=2 if config.train.mixed_precision != "no" else 4, quadratic_attention=config.train.cpu,
     )
     placements = [c for c in COMBINATIONS if teacher is not None or c[1] == "cache"]
     if config.teacher is None:

@@ -75,14 +75,16 @@ class Workload:
     chunk: int
     activation_checkpointing: bool
     top_k: int  # cache: k per position
+    activation_bytes: int = FP32  # 2 under bf16 mixed precision
+    quadratic_attention: bool = True  # CPU attention keeps [heads, L, L] probabilities; GPU SDPA (flash) does not
 
 
 def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
-    """Bytes one decoder layer keeps for backward (fp32, eager attention)."""
+    """Bytes one decoder layer keeps for backward."""
     tokens = work.batch * work.length
     per_token = 12 * shape.hidden + 5 * shape.intermediate
-    attention = 2 * work.batch * shape.heads * work.length * work.length
-    return FP32 * (tokens * per_token + attention)
+    attention = 2 * work.batch * shape.heads * work.length * work.length if work.quadratic_attention else 0
+    return work.activation_bytes * (tokens * per_token + attention)
 
 
 def loss_bytes(vocab: int, work: Workload) -> int:
@@ -112,35 +114,36 @@ def estimate(student: ModelShape, teacher: ModelShape | None, work: Workload, st
         "student gradients": FP32 * p // divide,
         "optimizer state (AdamW)": 2 * FP32 * p // divide,
     }
-    if sharded:
-        parts["FSDP gathered weights"] = FP32 * (student.root_parameters + 2 * student.layer_parameters)
+    gathered_layers = 0
+    if sharded:  # the root unit stays gathered for the whole step; two layers are gathered at a time
+        parts["FSDP gathered weights"] = work.activation_bytes * (student.root_parameters + 2 * student.layer_parameters)
+        gathered_layers = work.activation_bytes * 2 * student.layer_parameters
     elif n > 1:
         parts["DDP gradient buckets"] = FP32 * p
     tokens = work.batch * work.length
     per_layer = layer_activation_bytes(student, work)
     if work.activation_checkpointing:
-        parts["activations"] = FP32 * tokens * student.hidden * student.layers + per_layer
+        parts["activations"] = work.activation_bytes * tokens * student.hidden * student.layers + per_layer
     else:
         parts["activations"] = per_layer * student.layers
     parts["loss chunk"] = loss_bytes(student.vocab, work)
-    teacher_forward = 0
+    teacher_phase = head_gather = 0
     if placement in ("co-located", "sharded") and teacher is not None:
-        t = teacher.parameters * teacher.bytes_per_parameter
-        parts["teacher parameters"] = t // n if placement == "sharded" else t
-        if placement == "sharded":
-            root = teacher.root_parameters * teacher.bytes_per_parameter
-            parts["teacher gathered weights"] = root + 2 * teacher.layer_parameters * teacher.bytes_per_parameter
-        kept = tokens * teacher.hidden if work.fused else tokens * teacher.vocab
-        parts["teacher output"] = FP32 * kept
-        teacher_forward = layer_activation_bytes(teacher, work) // 4  # one layer's transient, no graph kept
+        width = teacher.bytes_per_parameter
+        parts["teacher parameters"] = teacher.parameters * width // (n if placement == "sharded" else 1)
+        parts["teacher output"] = FP32 * tokens * (teacher.hidden if work.fused else teacher.vocab)
+        teacher_phase = layer_activation_bytes(teacher, work) // 4  # one layer's transient, no graph kept
+        if placement == "sharded":  # gathered while the teacher runs; its head again for the fused loss
+            parts["teacher gathered weights"] = width * (teacher.root_parameters + 2 * teacher.layer_parameters)
+            teacher_phase += parts["teacher gathered weights"]
+            head_gather = width * teacher.vocab * teacher.hidden if work.fused else 0
     elif placement == "cache":
         parts["cache read buffers"] = tokens * work.top_k * 12 + tokens * 4  # int64 ids + fp32 log-probs, tail
-    static = sum(v for k, v in parts.items() if k in (
-        "student parameters", "optimizer state (AdamW)", "teacher parameters", "FSDP gathered weights",
-        "teacher gathered weights"))
+    static = parts["student parameters"] + parts["optimizer state (AdamW)"] + parts.get("teacher parameters", 0)
+    static += parts.get("FSDP gathered weights", 0) - gathered_layers
     backward = parts["activations"] + parts["loss chunk"] + parts.get("teacher output", 0) + parts["student gradients"]
-    backward += parts.get("DDP gradient buckets", 0) + parts.get("cache read buffers", 0) + teacher_forward
+    backward += parts.get("DDP gradient buckets", 0) + parts.get("cache read buffers", 0) + gathered_layers + head_gather
     step = parts["student gradients"] + parts.get("DDP gradient buckets", 0) + FP32 * p // divide  # AdamW temporaries
     result = Estimate(strategy, placement, n, parts)
-    result.peak = static + max(backward, step)
+    result.peak = static + max(backward, step, teacher_phase + parts.get("teacher output", 0))
     return result

@@ -42,6 +42,22 @@ from torch import nn
 from alambic.config import DistillConfig
 
 
+def check_launcher() -> None:
+    """One way to choose the strategy: train.strategy. Accelerate's own FSDP / DeepSpeed plugins are refused."""
+    import os
+
+    from alambic.errors import ConfigError
+
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"this run was launched with Accelerate's {name} plugin ({variable} is set); alambic shards with "
+                "its own train.strategy setting and does not support Accelerate's plugins",
+                "launch with a multi-GPU Accelerate config (configs/accelerate/) or torchrun, and set "
+                "train.strategy: fsdp in the run config (docs/scale.md)",
+            )
+
+
 def make_strategy(config: DistillConfig, accelerator):
     if config.train.strategy == "fsdp":
         return FSDPStrategy(config, accelerator)

@@ -24,7 +24,7 @@ from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
-from alambic.training.distributed import make_strategy
+from alambic.training.distributed import check_launcher, make_strategy
 from alambic.evaluate.heldout import evaluate
 from alambic.training.step_loss import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
@@ -61,6 +61,7 @@ def run_distillation(
     # Check everything that can fail on bad input before writing anything.
     check_compatible(config)
     checkpoint = inspect_run_dir(config, overwrite, resume)
+    check_launcher()  # before any process group or model: Accelerate's FSDP / DeepSpeed plugins are refused
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     if print_config and is_main:
