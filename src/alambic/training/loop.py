@@ -23,14 +23,14 @@ from accelerate.utils import set_seed
 from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
 from alambic.training.distributed import check_launcher, make_strategy
-from alambic.evaluate.heldout import evaluate
-from alambic.training.step_loss import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
 from alambic.training.setup import build_models
+from alambic.training.step_loss import loss_positions, loss_sums
 
 
 _DEBUG_STEP_SLEEP = float(os.environ.get("ALAMBIC_DEBUG_STEP_SLEEP", "0") or 0)
