@@ -122,7 +122,7 @@ def _wait_for(path: Path, process, timeout=240):
 def test_kill_9_then_resume_equals_uninterrupted_run(fsdp_run, tmp_path):
     mapping = {**fsdp_run["mapping"], "train": {**fsdp_run["mapping"]["train"], "output_dir": str(tmp_path / "killed")}}
     config = write_config(tmp_path / "killed.yaml", mapping)
-    process = _torchrun(config, tmp_path / "report1", {"ALAMBIC_DEBUG_STEP_SLEEP": "1.0"}, wait=False)
+    process = _torchrun(config, tmp_path / "report1", {"ALAMBIC_DEBUG_STEP_SLEEP": "0.5"}, wait=False)
     _wait_for(tmp_path / "killed" / "checkpoints" / "step-000002", process)
     os.killpg(process.pid, signal.SIGKILL)  # kill -9 of every process of the run, mid-training
     process.wait()

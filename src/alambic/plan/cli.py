@@ -17,7 +17,7 @@ import typer
 
 from alambic.plan.estimate import DTYPE_BYTES, Estimate, Workload, estimate, model_shape
 
-GB = 1024**3
+GB = 10**9  # decimal, as GPU memory is sold (80 GB = 80e9 bytes)
 # From fastest to most frugal: the first that fits is recommended.
 COMBINATIONS = (("ddp", "co-located"), ("fsdp", "co-located"), ("fsdp", "sharded"), ("ddp", "cache"), ("fsdp", "cache"))
 
@@ -89,6 +89,8 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
     result = {
         "processes": processes, "device_memory_gb": device_gb,
         "student_parameters": student.parameters, "teacher_parameters": teacher.parameters if teacher else 0,
+        # Each process reads the full weights into CPU memory before sharding them (docs/scale.md, limits).
+        "host_load_bytes": 4 * student.parameters + (teacher.parameters * teacher.bytes_per_parameter if teacher else 0),
         "estimates": [{"strategy": e.strategy, "teacher": e.teacher, "parts": e.parts, "peak": e.peak,
                        "fits": e.fits(device_bytes)} for e in estimates],
         "recommendation": _recommend(fitting[0]) if fitting else
@@ -124,7 +126,7 @@ def _table(result: dict) -> str:
 def _gb(value) -> str:
     if value is None:
         return "-"
-    return f"{value / GB:.2f} GB" if value >= GB / 10 else f"{value / 1024**2:.1f} MB"
+    return f"{value / GB:.2f} GB" if value >= GB / 10 else f"{value / 10**6:.1f} MB"
 
 
 def register(app: typer.Typer) -> None:
@@ -151,5 +153,6 @@ def register(app: typer.Typer) -> None:
                    f"{processes} process(es), batch {resolved.train.batch_size} x {resolved.data.max_length} tokens each")
         typer.echo(_table(result))
         typer.echo(f"recommended: {result['recommendation']}")
+        typer.echo(f"host (CPU) memory per process while loading, before sharding: {_gb(result['host_load_bytes'])}")
         typer.echo(f"logit cache of the training data (k={k}): {result['cache_tokens']:,} tokens, "
                    f"{_gb(result['cache_bytes'])} on disk")
