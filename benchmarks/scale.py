@@ -89,7 +89,10 @@ def predicted_peak(mapping: dict, processes: int) -> int:
     config = DistillConfig.model_validate(mapping)
     placement = "sharded" if config.train.strategy == "fsdp" else "co-located"
     result = plan(config, processes, None, 64, with_cache_size=False)
-    return next(e["peak"] for e in result["estimates"] if e["strategy"] == config.train.strategy and e["teacher"] == placement)
+    chosen = next(e for e in result["estimates"] if e["strategy"] == config.train.strategy and e["teacher"] == placement)
+    if not config.train.cpu:  # torch.cuda.max_memory_allocated sees tensors only: leave out the CUDA-context allowance
+        return chosen["peak"] - chosen["parts"].get("runtime (not tensors)", 0)
+    return chosen["peak"]
 
 
 def main() -> None:

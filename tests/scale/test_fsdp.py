@@ -183,7 +183,7 @@ def _cache(setup, tmp_path) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.mark.parametrize("path", ["sft", "plain_logits", "top_k", "cache"])
+@pytest.mark.parametrize("path", ["sft", "plain_logits", "top_k", "cache", "activation_checkpointing"])
 def test_each_loss_path_under_fsdp_equals_the_plain_path(path, tiny_setup, tmp_path):
     """One process in a 1-process group: the same FSDP wrapping (DTensor parameters, gathered heads)."""
     mapping = kd_config(tiny_setup, tmp_path / "plain", max_steps=3, batch_size=4, eval_every=0)
@@ -198,6 +198,8 @@ def test_each_loss_path_under_fsdp_equals_the_plain_path(path, tiny_setup, tmp_p
         mapping["teacher"] = {"cache": str(_cache(tiny_setup, tmp_path))}
     plain = run_distillation(DistillConfig.model_validate(mapping))
     mapping["train"] = {**mapping["train"], "strategy": "fsdp", "output_dir": str(tmp_path / "fsdp")}
+    if path == "activation_checkpointing":  # recomputed layers give the same values
+        mapping["train"]["fsdp"] = {"activation_checkpointing": True}
     sharded = run_distillation(DistillConfig.model_validate(mapping))
     for a, b in zip(sharded.history, plain.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from alambic.plan.estimate import DTYPE_BYTES, Estimate, Workload, estimate, model_shape
+from alambic.plan.estimate import DTYPE_BYTES, RUNTIME_BYTES, Estimate, Workload, estimate, model_shape
 
 GB = 10**9  # decimal, as GPU memory is sold (80 GB = 80e9 bytes)
 # From fastest to most frugal: the first that fits is recommended.
@@ -79,6 +79,7 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
         batch=config.train.batch_size, length=config.data.max_length, fused=config.loss.fused,
         chunk=config.loss.chunk_size, activation_checkpointing=config.train.fsdp.activation_checkpointing, top_k=k,
         activation_bytes=2 if config.train.mixed_precision != "no" else 4, quadratic_attention=config.train.cpu,
+        runtime_bytes=RUNTIME_BYTES["cpu" if config.train.cpu else "cuda"],
     )
     placements = [c for c in COMBINATIONS if teacher is not None or c[1] == "cache"]
     if config.teacher is None:

@@ -17,9 +17,10 @@ of the models (instantiated on the `meta` device: shapes, no storage):
 - the teacher: all its weights per process (co-located), 1/N plus the gathered
   root unit and LM head (sharded), or none but the decoded top-k batch (cache).
 
-The peak is the static part (weights, optimizer state) plus the larger of the
-forward/backward phase (activations, loss, gradients being produced) and the
-optimizer step (gradients + AdamW's temporary per-parameter buffers). The
+The peak is the static part (weights, optimizer state) plus the largest of the
+teacher's forward, the student's forward/backward (activations, loss, gradients
+being produced) and the optimizer step (gradients + AdamW's temporary
+per-parameter buffers), plus a runtime allowance (RUNTIME_BYTES). The
 coefficients are those of a Llama-style block in eager PyTorch; they were
 checked against measured peaks (benchmarks/scale.py, RESULTS.md).
 """
@@ -29,6 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FP32 = 4
+# Per-process memory that is not the run's tensors. CPU: Python objects of the models and the
+# tokenized data, autograd bookkeeping, allocator slack: ~20 MB measured above the tensor figures
+# with the stdlib test corpus (benchmarks/scale.py; it grows with the dataset). GPU: an allowance
+# for the CUDA context, cuBLAS workspaces and NCCL buffers (not seen by torch.cuda.max_memory_allocated).
+RUNTIME_BYTES = {"cpu": 20 * 2**20, "cuda": 2**30}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -77,6 +83,7 @@ class Workload:
     top_k: int  # cache: k per position
     activation_bytes: int = FP32  # 2 under bf16 mixed precision
     quadratic_attention: bool = True  # CPU attention keeps [heads, L, L] probabilities; GPU SDPA (flash) does not
+    runtime_bytes: int = 0  # memory that is not tensors of the run (see RUNTIME_BYTES)
 
 
 def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
@@ -144,6 +151,8 @@ def estimate(student: ModelShape, teacher: ModelShape | None, work: Workload, st
     backward = parts["activations"] + parts["loss chunk"] + parts.get("teacher output", 0) + parts["student gradients"]
     backward += parts.get("DDP gradient buckets", 0) + parts.get("cache read buffers", 0) + gathered_layers + head_gather
     step = parts["student gradients"] + parts.get("DDP gradient buckets", 0) + FP32 * p // divide  # AdamW temporaries
+    if work.runtime_bytes:
+        parts["runtime (not tensors)"] = work.runtime_bytes
     result = Estimate(strategy, placement, n, parts)
-    result.peak = static + max(backward, step, teacher_phase + parts.get("teacher output", 0))
+    result.peak = static + max(backward, step, teacher_phase + parts.get("teacher output", 0)) + work.runtime_bytes
     return result
