@@ -90,7 +90,7 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
     result = {
         "processes": processes, "device_memory_gb": device_gb,
         "student_parameters": student.parameters, "teacher_parameters": teacher.parameters if teacher else 0,
-        # Each process reads the full weights into CPU memory before sharding them (docs/scale.md, limits).
+        # The main process reads the full weights into CPU memory (FSDP: the others build on meta; DDP: every process).
         "host_load_bytes": 4 * student.parameters + (teacher.parameters * teacher.bytes_per_parameter if teacher else 0),
         "estimates": [{"strategy": e.strategy, "teacher": e.teacher, "parts": e.parts, "peak": e.peak,
                        "fits": e.fits(device_bytes)} for e in estimates],
@@ -154,6 +154,7 @@ def register(app: typer.Typer) -> None:
                    f"{processes} process(es), batch {resolved.train.batch_size} x {resolved.data.max_length} tokens each")
         typer.echo(_table(result))
         typer.echo(f"recommended: {result['recommendation']}")
-        typer.echo(f"host (CPU) memory per process while loading, before sharding: {_gb(result['host_load_bytes'])}")
+        typer.echo(f"host (CPU) memory while loading: {_gb(result['host_load_bytes'])} in the main process "
+                   "(under ddp in every process; under fsdp the others receive their shards from it)")
         typer.echo(f"logit cache of the training data (k={k}): {result['cache_tokens']:,} tokens, "
                    f"{_gb(result['cache_bytes'])} on disk")

@@ -141,21 +141,38 @@ class FSDPStrategy(DDPStrategy):
 
     @property
     def build_device(self):
-        # Models are built on the CPU and moved to the device layer by layer as they are sharded,
-        # so a model larger than one device never has to fit on it whole.
-        return torch.device("cpu")
+        # Only the main process reads the weights (into CPU memory); the others build the models on
+        # the meta device (shapes only) and receive their shards from it. Models move to the device
+        # layer by layer as they are sharded, so no model has to fit on one device whole.
+        return torch.device("cpu") if self.rank == 0 else torch.device("meta")
 
     def prepare(self, setup, make_optimizer):
         fsdp = self.config.train.fsdp
         student = setup.student
         if fsdp.activation_checkpointing:
             student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full = student.state_dict() if self.rank == 0 else {}
         self._shard(student, decoder_layers(student.model), fsdp.reshard_after_forward, root_reshard=False, trainable=True)
+        self._fill_from_main(student, full)
         if fsdp.shard_teacher and setup.teacher_model is not None and hasattr(setup.teacher, "model"):
             setup.teacher.model = ShardedTeacher(setup.teacher_model, self)
         elif setup.teacher_model is not None:
+            if self.world_size > 1:
+                _broadcast_whole(setup.teacher_model, self.accelerator.device, self.rank)
             setup.teacher_model.to(self.accelerator.device)
         return student, make_optimizer(student)
+
+    def _fill_from_main(self, module: nn.Module, full: dict) -> None:
+        """Give every process its shards of the main process's weights (the others built on meta)."""
+        if self.world_size == 1:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.rank != 0:
+            module.to_empty(device=self.accelerator.device)
+        set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in module.buffers():  # non-persistent buffers (e.g. rotary tables) are not in state dicts
+            torch.distributed.broadcast(buffer.data, src=0)
 
     def _shard(self, root: nn.Module, layers, reshard: bool, root_reshard: bool, trainable: bool, offload=False):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -229,7 +246,9 @@ class ShardedTeacher(nn.Module):
         self.config = model.config
         fsdp = strategy.config.train.fsdp
         offload = fsdp.teacher_offload and strategy.accelerator.device.type == "cuda"
+        full = self.state_dict() if strategy.rank == 0 else {}
         strategy._shard(self, decoder_layers(model), True, root_reshard=True, trainable=False, offload=offload)
+        strategy._fill_from_main(self, full)
 
     def forward(self, base: bool, kwargs: dict):
         return self.inner.base_model(**kwargs) if base else self.inner(**kwargs)
@@ -246,6 +265,16 @@ class ShardedTeacher(nn.Module):
         bias = getattr(head, "bias", None)
         gather = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
         return SimpleNamespace(weight=gather(weight), bias=None if bias is None else gather(bias))
+
+
+def _broadcast_whole(model: nn.Module, device, rank: int) -> None:
+    """A replicated (not sharded) teacher: the main process's weights copied to every process."""
+    if rank != 0:
+        model.to_empty(device=device)
+    else:
+        model.to(device)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
