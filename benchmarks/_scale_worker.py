@@ -49,7 +49,7 @@ def main(config_path: str, out_dir: str) -> None:
     from alambic.training.loop import run_distillation
 
     config = load_config(config_path)
-    cuda = not config.train.cpu
+    cuda = not config.train.cpu and torch.cuda.is_available()
     _warm_up(config)
     measured: dict = {}
     classes = (distributed.DDPStrategy, distributed.FSDPStrategy)

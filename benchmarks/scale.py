@@ -118,10 +118,17 @@ def main() -> None:
     print_table(rows, size, args)
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU found: ran on CPU"
+
+
 def print_table(rows: dict, size: str, args) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nscale.py --size {size} --steps {args.steps} --device {args.device} "
-          f"(load average {load:.1f}, {os.cpu_count()} cores; CPU runs: 1 thread per process)")
+          f"(load average {load:.1f}, {os.cpu_count()} cores"
+          + ("; 1 thread per process)" if args.device == "cpu" else f"; {_gpu_name()})"))
     header = ("mode", "peak MB/proc", "plan MB", "plan/meas", "student p+g+o MB", "teacher MB", "tokens/s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     base = rows[next(iter(rows))]["reports"][0]
