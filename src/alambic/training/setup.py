@@ -84,12 +84,19 @@ def build_models(config: DistillConfig, device) -> RunModels:
         from alambic.teachers.cached import CachedTeacher
 
         teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
+    elif teacher_cfg is not None and teacher_cfg.server is not None:  # never loaded here: asked over HTTP
+        from alambic.teachers.served import ServedTeacher
+
+        teacher = ServedTeacher(teacher_cfg, tokenizer, vocab_size or len(tokenizer), config.train.seed)
+        name = teacher.name
     elif record_teacher is not None:  # a top-k on the records' own tokens only: not evaluable on other text
         teacher, name = record_teacher, record_teacher.name
     student = StudentModule(student_model, vocab_size).to(device)
     setup = RunModels(student, teacher, tokenizer, name, evaluable, config)
     setup.teacher_model, setup.teacher_tokenizer = teacher_model, teacher_tokenizer
     setup.vocab_size, setup.device = vocab_size, device
+    if hasattr(teacher, "finish"):  # e.g. a served teacher completes its streamed cache, writes its statistics
+        setup.after_train.append(teacher.finish)
     configure_modes(setup, config)  # modes may swap the teacher, add rollouts, terms, hooks
     setup.student.to(device)  # auxiliary modules added by modes follow the student
     return setup

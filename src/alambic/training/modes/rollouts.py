@@ -249,7 +249,8 @@ def check_rollout(setup, config) -> None:
     cached = config.teacher is not None and config.teacher.cache is not None and config.teacher.model is None
     source = "the teacher is an offline logit cache, which only covers the rows it was computed on" if cached \
         else "this run has no teacher model"
-    if rollout.policy == "on_policy" and (setup.teacher is None or not setup.teacher_evaluable):
+    scores_samples = setup.teacher_evaluable or getattr(setup.teacher, "scores_any_text", False)  # live or served
+    if rollout.policy == "on_policy" and (setup.teacher is None or not scores_samples):
         raise ConfigError(
             f"{where}: the teacher must score the student's new samples, but {source}",
             "set teacher.model to a live teacher (and remove teacher.cache)",
