@@ -88,3 +88,31 @@ def test_cache_from_the_same_teacher_and_a_streamed_cache_train_alike(tiny, tmp_
     for key, value in sf.weights(served_run.output_dir).items():
         difference = (value - sf.weights(runs["cache"].output_dir)[key]).abs()
         assert float(difference.max()) < 1e-3 and float((difference > 5e-5).float().mean()) < 1e-3, key
+
+
+def test_two_ddp_processes_share_one_server(tiny, tmp_path):
+    """Each rank sends its own micro-batches: grad_accum requests of batch_size rows per step, plus one probe."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, write_config
+
+    mapping = sf.run_config(tiny, tmp_path / "ddp", batch_size=2)
+    config = write_config(tmp_path / "ddp.yaml", mapping)
+    digests = tmp_path / "digests"
+    digests.mkdir()
+    before = len(tiny.server.log)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(REPO / "tests" / "recipes" / "ddp_worker.py"), str(config), str(digests)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (digests / "rank0.txt").read_text() == (digests / "rank1.txt").read_text()
+    rows_per_request = sorted(rows for _, rows, _ in tiny.server.log[before:])
+    steps, accum, ranks = 4, 2, 2
+    assert rows_per_request == [2] * (ranks * steps * accum + ranks), rows_per_request  # probes hold 2 rows too
+    single = _run(sf.run_config(tiny, tmp_path / "single", batch_size=4))
+    ddp_losses = [json.loads(line)["loss"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert ddp_losses == pytest.approx([r["loss"] for r in single.history], rel=1e-4)

@@ -8,8 +8,10 @@ the top-k plus the actual prompt token; `logprobs.top_logprobs` keyed
 "token_id:N" for the one generated token; 400 above `max_logprobs`; 404 for
 another model; GET /v1/models with `max_model_len`; POST /tokenize.
 
-Switches for the refusal tests: `prompt_logprobs_supported=False` ignores the
-field (a plain OpenAI server), `delay_s` answers after a fixed delay.
+Switches for the refusal and failure tests: `prompt_logprobs_supported=False`
+ignores the field (a plain OpenAI server), `delay_s` answers after a fixed
+delay, `fail_from = N` answers 503 to every completion request from the N-th on
+(a server that goes down and stays down).
 
     python -m alambic.teachers.testing.logprob_server runs/tiny/teacher_run/final --port 8012
 """
@@ -49,6 +51,8 @@ class LogprobServer:
         self.scorer, self.model_name, self.tokenizer = scorer, model_name, tokenizer
         self.max_logprobs, self.max_model_len, self.delay_s = max_logprobs, max_model_len, delay_s
         self.prompt_logprobs_supported = prompt_logprobs_supported
+        self.fail_from: int | None = None
+        self.completion_requests = 0
         self.port = port
         self.log: list[tuple[float, int, int]] = []  # (time answered, rows, tokens) per completion request
         self._lock = threading.Lock()  # one forward pass at a time
@@ -91,6 +95,9 @@ class LogprobServer:
             return _error(404, f"no route {request.path}")
         if body.get("model") != self.model_name:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        self.completion_requests += 1
+        if self.fail_from is not None and self.completion_requests >= self.fail_from:
+            return _error(503, "the server is down (injected)", "ServiceUnavailable")
         problem = self._check(body)
         if problem:
             return _error(400, problem, "BadRequestError")
