@@ -26,7 +26,7 @@ from alambic.config_modes import (
 )
 from alambic.config_served import ServedTeacherOptions
 from alambic.errors import ConfigError
-from alambic.objectives import OBJECTIVES
+from alambic.objective_names import OBJECTIVES
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Task = Literal["causal_lm", "sequence_classification"]

@@ -73,11 +73,9 @@ class ServedTeacher:
 
     def bind(self, train_data, config=None, tokenizer=None) -> None:
         """Check the server (reachable, model, prompt logprobs, top_k, tokenizer) before anything is written."""
-        from alambic.teachers.served_checks import check_served_config
         from alambic.teachers.served_identity import check_server
 
         if config is not None:
-            check_served_config(config)
             self.max_steps = config.train.max_steps
         self.train_data = train_data
         sample = [list(train_data[0]["input_ids"])] if len(train_data) else []

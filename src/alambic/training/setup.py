@@ -9,7 +9,7 @@ from alambic.errors import ModelError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.live import LiveTeacher
 from alambic.training.modes import configure_modes
-from alambic.training.module import StudentModule
+from alambic.models.module import StudentModule
 
 
 @dataclass
@@ -56,9 +56,8 @@ def build_models(config: DistillConfig, device) -> RunModels:
     teacher_cfg = config.teacher
     record_teacher = None
     if teacher_cfg is None and config.data.logprobs_column is not None:  # the teacher's logprobs are in the data
-        from alambic.teachers.record_logprobs import RecordLogprobTeacher, check_record_logprobs_config
+        from alambic.teachers.record_logprobs import RecordLogprobTeacher
 
-        check_record_logprobs_config(config)  # before any model loads
         record_teacher = RecordLogprobTeacher(config.data.logprobs_column)
     teacher_model = teacher_tokenizer = None
     if teacher_cfg is not None and teacher_cfg.model is not None:

@@ -24,7 +24,7 @@ from alambic.losses import token_cross_entropy
 from alambic.losses.cross_tokenizer import projected_teacher_kl, uld_distance
 from alambic.models.alignment import align_positions, char_ends, same_vocabulary, student_row_ends, vocabulary_map
 from alambic.teachers.base import SignalRequest, TeacherSignal
-from alambic.training.objective import student_module
+from alambic.training.step_loss import student_module
 
 
 class CrossTokenizerTeacher:
@@ -117,36 +117,6 @@ class CrossTokenizerTerm:
         return {"loss": total, "kd": divergence_sum.detach(), "xt_aligned": torch.tensor(float(rows.numel()))}
 
 
-def _reject_unsupported(config) -> None:
-    """Modes whose signal is tied to one vocabulary or one tokenization cannot cross tokenizers."""
-    problems = []  # (what, why, fix)
-    if config.task != "causal_lm":
-        problems.append(("task", "classifiers share their classes, not tokens", "remove cross_tokenizer"))
-    if config.teacher is None or config.teacher.model is None:
-        problems.append(("teacher.model missing", "a live teacher model must run on its own tokens",
-                         "set teacher.model (a logit cache holds teacher-vocabulary ids on the student's tokens)"))
-    elif config.teacher.cache is not None:
-        problems.append(("teacher.cache", "a logit cache is indexed by the student's tokens", "remove teacher.cache"))
-    if config.student.from_teacher is not None:
-        problems.append(("student.from_teacher", "a student built from the teacher shares its tokenizer",
-                         "give student.model with its own tokenizer, or remove cross_tokenizer"))
-    if config.loss.alpha >= 1.0:
-        problems.append(("loss.alpha = 1", "alpha is the CE weight, so the teacher would get no weight",
-                         "set loss.alpha below 1 (e.g. 0.5)"))
-    if config.loss.top_k is not None:
-        problems.append(("loss.top_k", "it picks teacher token ids the student does not have", "remove loss.top_k"))
-    if config.data.packing:
-        problems.append(("data.packing", "the text of each row must be recovered on its own", "set data.packing: false"))
-    if config.rollout.policy != "off_policy":
-        problems.append(("rollout.policy", "rollouts score samples in one vocabulary", "use rollout.policy: off_policy"))
-    for section in ("teachers", "ensemble", "representation", "self_distill", "co_distill"):
-        if getattr(config, section):
-            problems.append((section, "it compares tensors of one tokenization", f"remove {section} or cross_tokenizer"))
-    if problems:
-        what, why, fix = problems[0]
-        raise ConfigError(f"cross_tokenizer cannot be used with {what}: {why}", f"{fix}; see docs/modes.md#cross-tokenizer")
-
-
 def _teacher_tokenizer(setup, config):
     path = config.cross_tokenizer.teacher_tokenizer
     if path is None:
@@ -166,7 +136,6 @@ def configure(setup, config) -> None:
     section = config.cross_tokenizer
     if section is None:
         return
-    _reject_unsupported(config)
     teacher_tokenizer = _teacher_tokenizer(setup, config)
     if teacher_tokenizer is None or setup.teacher_model is None:
         raise ConfigError(

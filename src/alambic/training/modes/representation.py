@@ -34,7 +34,7 @@ from alambic.losses.representation import (
     sample_relation_mse,
     token_relation_mse,
 )
-from alambic.training.objective import student_module
+from alambic.training.step_loss import student_module
 
 AUXILIARY_KEY = "representation"
 
@@ -173,21 +173,6 @@ def _use_eager_attention(model, role: str) -> None:
         )
 
 
-def _check_teacher(setup, config) -> None:
-    if config.cross_tokenizer is not None:
-        raise ConfigError(
-            "representation transfer compares student and teacher positions token by token, "
-            "which needs one shared tokenizer; cross_tokenizer is set",
-            "remove the representation section, or use a teacher with the student's tokenizer",
-        )
-    if setup.teacher_model is None:
-        raise ConfigError(
-            "representation transfer needs the hidden states of one live teacher model, and this run has "
-            + ("a logit cache" if config.teacher is not None else "no single teacher model"),
-            "set teacher.model to a model folder (not teacher.cache, teachers: or co_distill)",
-        )
-
-
 def _projections(rep_cfg, hidden_map, student_width: int, teacher_width: int) -> nn.ModuleDict:
     projections = nn.ModuleDict()
     if rep_cfg.hidden is not None and projection_wanted(
@@ -209,7 +194,6 @@ def configure(setup, config) -> None:
             "the representation section sets no term",
             "add representation.hidden, .attention, .relation or output_cosine > 0, or remove the section",
         )
-    _check_teacher(setup, config)
     student_model, teacher_model = setup.student.model, setup.teacher_model
     student_layers, teacher_layers = student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers
 

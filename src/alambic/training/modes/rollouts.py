@@ -222,53 +222,6 @@ class PromptRollout:
         )
 
 
-def check_rollout(setup, config) -> None:
-    """Refuse settings under which a rollout cannot work, before anything is trained."""
-    rollout = config.rollout
-    where = f"rollout.policy is {rollout.policy!r}"
-    if config.task != "causal_lm":
-        raise ConfigError(
-            f"{where}, which samples text, but the task is {config.task!r}",
-            "rollouts apply to causal LMs: set rollout.policy: off_policy for classifiers",
-        )
-    if config.data.packing:
-        raise ConfigError(
-            f"{where}, which needs one document per row to find its prompt, but data.packing is true",
-            "set data.packing: false",
-        )
-    if rollout.engine == "vllm" and rollout.policy != "sequence_level":
-        raise ConfigError(
-            f"rollout.engine 'vllm' samples from a fixed model; with {where} the sampling model changes every step",
-            "use rollout.engine: hf, or policy: sequence_level (the teacher writes the completions)",
-        )
-    if config.cross_tokenizer is not None:
-        raise ConfigError(
-            f"{where}, whose samples are scored token by token, needs one tokenizer (cross_tokenizer is set)",
-            "use rollout.policy: off_policy with cross-tokenizer distillation",
-        )
-    cached = config.teacher is not None and config.teacher.cache is not None and config.teacher.model is None
-    source = "the teacher is an offline logit cache, which only covers the rows it was computed on" if cached \
-        else "this run has no teacher model"
-    scores_samples = setup.teacher_evaluable or getattr(setup.teacher, "scores_any_text", False)  # live or served
-    if rollout.policy == "on_policy" and (setup.teacher is None or not scores_samples):
-        raise ConfigError(
-            f"{where}: the teacher must score the student's new samples, but {source}",
-            "set teacher.model to a live teacher (and remove teacher.cache)",
-        )
-    if rollout.policy in ("sequence_level", "minillm") and setup.teacher_model is None:
-        task = "write the completions" if rollout.policy == "sequence_level" else "score and mix into the samples"
-        raise ConfigError(
-            f"{where}: a live teacher model must {task}, but {source}",
-            "set teacher.model to a model folder or hub id (and remove teacher.cache)",
-        )
-    if rollout.policy == "minillm" and (config.loss.objective != "reverse_kl" or config.loss.temperature != 1.0):
-        raise ConfigError(
-            f"{where}: its single-step term is the token-level reverse KL at temperature 1, "
-            f"but loss.objective is {config.loss.objective!r} at temperature {config.loss.temperature}",
-            "set loss.objective: reverse_kl and loss.temperature: 1",
-        )
-
-
 def _chain(previous, rollout):
     return lambda batch, step: rollout(previous(batch, step), step)
 
@@ -277,7 +230,6 @@ def configure(setup, config) -> None:
     policy = config.rollout.policy
     if policy == "off_policy":
         return
-    check_rollout(setup, config)
     if policy == "on_policy":
         rollout = PromptRollout(setup, config, setup.student.model, fraction=config.rollout.lambda_)
     elif policy == "sequence_level":

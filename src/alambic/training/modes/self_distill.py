@@ -31,7 +31,7 @@ from alambic.losses.representation import masked_mean_pool
 from alambic.models import freeze, load_model
 from alambic.teachers.ema import FrozenCopy, ema_update
 from alambic.teachers.live import LiveTeacher
-from alambic.training.objective import loss_options, student_module
+from alambic.training.step_loss import loss_options, student_module
 
 TEACHER_KEY = "self_distill_teacher"
 EXITS_KEY = "early_exits"
@@ -116,7 +116,7 @@ def load_checkpoint_teacher(path: str, setup, task: str) -> nn.Module:
         )
     from safetensors.torch import load_model as load_safetensors
 
-    from alambic.training.module import StudentModule
+    from alambic.models.module import StudentModule
 
     holder = StudentModule(copy.deepcopy(setup.student.model), setup.vocab_size)
     missing, _ = load_safetensors(holder, str(weights), strict=False)  # auxiliary modules are skipped
@@ -146,17 +146,6 @@ def _self_teacher(setup, sd_cfg, task: str) -> nn.Module:
     return frozen.model
 
 
-def _check_exclusive(config) -> None:
-    others = [name for name, on in (("teacher", config.teacher is not None), ("teachers", bool(config.teachers)),
-                                    ("co_distill", config.co_distill is not None)) if on]
-    if others:
-        raise ConfigError(
-            f"self_distill.teacher is {config.self_distill.teacher!r} (the student teaches itself) but "
-            f"{others[0]} is also set",
-            f"remove {others[0]}, or set self_distill.teacher: none to keep it and train only early exits",
-        )
-
-
 def _add_early_exits(setup, sd_cfg, config) -> None:
     model = setup.student.model
     layers = model.config.num_hidden_layers
@@ -181,7 +170,6 @@ def configure(setup, config) -> None:
     if sd_cfg is None:
         return
     if sd_cfg.teacher != "none":
-        _check_exclusive(config)
         teacher_model = _self_teacher(setup, sd_cfg, config.task)
         setup.teacher = LiveTeacher(teacher_model, setup.vocab_size, name=f"self ({sd_cfg.teacher})")
         setup.teacher_model = teacher_model
