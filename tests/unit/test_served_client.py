@@ -114,3 +114,20 @@ def test_prefetch_is_bounded_and_drops_what_was_never_used():
     source.prefetch([], upcoming, step=4)
     assert max(step for step, _ in source.pending.values()) == 5  # never past max_steps
     source.close()
+
+
+def test_the_table_servers_prepared_answers_equal_its_plain_ones():
+    """The benchmark's fixed-delay server assembles JSON from prepared pieces: same answer as the plain path."""
+    import json
+
+    from alambic.teachers.testing.logprob_server import LogprobServer, table_scorer
+
+    server = LogprobServer(table_scorer(50), "t", None, max_logprobs=5)
+    rows = [[3, 7, 7, 1, 49], [0, 2]]
+    body = {"model": "t", "prompt": rows, "prompt_logprobs": 5, "logprobs": 5, "return_tokens_as_token_ids": True,
+            "max_tokens": 1}
+    plain = json.loads(json.dumps(server._complete(body)))
+    fast = json.loads(server._complete_bytes(body).split(b"\r\n\r\n", 1)[1])
+    for a, b in zip(plain["choices"], fast["choices"]):
+        assert a["prompt_logprobs"] == b["prompt_logprobs"]
+        assert a["logprobs"]["top_logprobs"] == b["logprobs"]["top_logprobs"]

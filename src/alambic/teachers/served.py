@@ -27,7 +27,6 @@ process, at most `max_in_flight` at a time, so a server sees up to
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import threading
 import time
@@ -188,10 +187,9 @@ class ServedTeacher:
                 for row, signal in zip(chunk, signals):
                     self.stream.add(row, signal.ids, signal.logprobs, signal.tail)
         if run_dir is not None:
-            from alambic.cache.format import atomic_write_bytes
+            from alambic.durable import atomic_write_json
 
-            text = json.dumps(self.summary(), indent=1) + "\n"
-            atomic_write_bytes(Path(run_dir) / STATS_FILE, [text.encode()])
+            atomic_write_json(Path(run_dir) / STATS_FILE, self.summary(), indent=1)
         self.close()
 
     def summary(self) -> dict:

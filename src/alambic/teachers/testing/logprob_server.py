@@ -14,19 +14,21 @@ delay, `fail_from = N` answers 503 to every completion request from the N-th on
 (a server that goes down and stays down).
 
     python -m alambic.teachers.testing.logprob_server runs/tiny/teacher_run/final --port 8012
+    python -m alambic.teachers.testing.logprob_server runs/tiny/teacher_run/final --table --delay 0.2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
-from alambic.generate.testing.http11 import json_response, read_request
+from alambic.generate.testing.http11 import encode_response, json_response, read_request
 
 Scorer = Callable[[list[int]], torch.Tensor]  # ids [n] -> log-probs [n, V] (position t: next-token distribution)
 
@@ -44,6 +46,57 @@ def model_scorer(model, vocab_size: int | None = None) -> Scorer:
     return score
 
 
+class TableScorer:
+    """A bigram table of log-probs: the next-token distribution depends on the previous token only.
+
+    It costs no model time, and its JSON answers are assembled from per-token pieces prepared once,
+    so a fixed delay alone sets the answer time (the benchmark's server-bound reference).
+    """
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.log_softmax(torch.randn(vocab_size, vocab_size, generator=generator) * 3, dim=-1)
+        order = self.table.argsort(dim=-1, descending=True)
+        self.ranks = torch.empty_like(order)
+        self.ranks.scatter_(1, order, torch.arange(1, vocab_size + 1).expand(vocab_size, -1).contiguous())
+        self._pieces: dict = {}
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        return self.table[torch.tensor(ids)]
+
+    def pieces(self, k: int, text) -> tuple[list[str], list[set[int]], list[str]]:
+        """Per previous token: the opened JSON object of its top-k, their ids, and the 'token_id:' top-k object."""
+        if k not in self._pieces:
+            values, ids = self.table.topk(k, dim=-1)
+            opened, members, generated = [], [], []
+            for top_values, top_ids in zip(values.tolist(), ids.tolist()):
+                opened.append("{" + ", ".join(_entry_json(t, v, r, text(t)) for r, (v, t) in
+                                              enumerate(zip(top_values, top_ids), start=1)))
+                members.append(set(top_ids))
+                generated.append(json.dumps({f"token_id:{t}": v for v, t in zip(top_values, top_ids)}))
+            self._pieces[k] = (opened, members, generated)
+        return self._pieces[k]
+
+    def choice_json(self, index: int, row: list[int], k: int, text) -> str:
+        opened, members, generated = self.pieces(k, text)
+        positions = ["null"]
+        for previous, token in zip(row[:-1], row[1:]):
+            extra = "" if token in members[previous] else ", " + _entry_json(
+                token, float(self.table[previous, token]), int(self.ranks[previous, token]), text(token))
+            positions.append(opened[previous] + extra + "}")
+        logprobs = f'{{"top_logprobs": [{generated[row[-1]]}]}}'
+        return (f'{{"index": {index}, "text": "", "finish_reason": "length", "prompt_logprobs": '
+                f'[{", ".join(positions)}], "logprobs": {logprobs}}}')
+
+
+def _entry_json(token: int, value: float, rank: int, text) -> str:
+    return f'"{token}": {{"logprob": {value!r}, "rank": {rank}, "decoded_token": {json.dumps(text)}}}'
+
+
+def table_scorer(vocab_size: int, seed: int = 0) -> TableScorer:
+    return TableScorer(vocab_size, seed)
+
+
 class LogprobServer:
     def __init__(self, scorer: Scorer, model_name: str = "teacher", tokenizer=None, max_logprobs: int = 20,
                  max_model_len: int = 1024, delay_s: float = 0.0, prompt_logprobs_supported: bool = True,
@@ -52,6 +105,7 @@ class LogprobServer:
         self.max_logprobs, self.max_model_len, self.delay_s = max_logprobs, max_model_len, delay_s
         self.prompt_logprobs_supported = prompt_logprobs_supported
         self.fail_from: int | None = None
+        self._texts: list[str] | None = None
         self.completion_requests = 0
         self.port = port
         self.log: list[tuple[float, int, int]] = []  # (time answered, rows, tokens) per completion request
@@ -103,8 +157,20 @@ class LogprobServer:
             return _error(400, problem, "BadRequestError")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        answer = await asyncio.get_running_loop().run_in_executor(None, self._complete, body)
-        return json_response(200, answer)
+        return await asyncio.get_running_loop().run_in_executor(None, self._complete_bytes, body)
+
+    def _complete_bytes(self, body: dict) -> bytes:
+        fast = isinstance(self.scorer, TableScorer) and self.prompt_logprobs_supported and body.get("prompt_logprobs") \
+            and body.get("logprobs") == body.get("prompt_logprobs") and body.get("return_tokens_as_token_ids")
+        if not fast:
+            return json_response(200, self._complete(body))
+        prompt = body["prompt"]
+        rows = prompt if isinstance(prompt[0], list) else [prompt]
+        choices = [self.scorer.choice_json(i, row, body["prompt_logprobs"], self._text) for i, row in enumerate(rows)]
+        self.log.append((time.monotonic(), len(rows), sum(len(r) for r in rows)))
+        text = (f'{{"id": "cmpl-{time.monotonic_ns()}", "object": "text_completion", "model": '
+                f'{json.dumps(self.model_name)}, "choices": [{", ".join(choices)}]}}')
+        return encode_response(200, text.encode())
 
     def _check(self, body: dict) -> str | None:
         for field in ("prompt_logprobs", "logprobs"):
@@ -135,7 +201,7 @@ class LogprobServer:
         k = body.get("prompt_logprobs")
         choice = {"index": index, "text": "", "finish_reason": "length", "stop_reason": None}
         if k is not None and self.prompt_logprobs_supported:
-            choice["prompt_logprobs"] = [None] + [self._position(logprobs[t], row[t + 1], k) for t in range(len(row) - 1)]
+            choice["prompt_logprobs"] = [None] + self._positions(logprobs, row, k)
         generated = int(logprobs[-1].argmax())
         top_n = body.get("logprobs")
         if top_n is not None:
@@ -147,19 +213,29 @@ class LogprobServer:
                                   "top_logprobs": [top], "text_offset": [0]}
         return choice
 
-    def _position(self, logprobs: torch.Tensor, actual: int, k: int) -> dict:
-        values, ids = logprobs.topk(k)
-        entry = {}
-        for rank, (value, token) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-            entry[str(token)] = {"logprob": value, "rank": rank, "decoded_token": self._text(token)}
-        if str(actual) not in entry:  # vLLM adds the prompt's own token with its vocabulary rank
-            value = float(logprobs[actual])
-            entry[str(actual)] = {"logprob": value, "rank": int((logprobs > value).sum()) + 1,
-                                  "decoded_token": self._text(actual)}
-        return entry
+    def _positions(self, logprobs: torch.Tensor, row: list[int], k: int) -> list[dict]:
+        """vLLM's prompt_logprobs entries for positions 1..n-1 (scored from positions 0..n-2)."""
+        scored = logprobs[:-1]
+        values, ids = scored.topk(k, dim=-1)
+        actual = torch.tensor(row[1:])
+        actual_values = scored.gather(-1, actual[:, None])[:, 0]
+        actual_ranks = (scored > actual_values[:, None]).sum(-1) + 1
+        entries = []
+        for top_values, top_ids, token, value, rank in zip(values.tolist(), ids.tolist(), row[1:],
+                                                           actual_values.tolist(), actual_ranks.tolist()):
+            entry = {str(t): {"logprob": v, "rank": r, "decoded_token": self._text(t)}
+                     for r, (v, t) in enumerate(zip(top_values, top_ids), start=1)}
+            if str(token) not in entry:  # vLLM adds the prompt's own token with its vocabulary rank
+                entry[str(token)] = {"logprob": value, "rank": rank, "decoded_token": self._text(token)}
+            entries.append(entry)
+        return entries
 
     def _text(self, token: int) -> str | None:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+        if self.tokenizer is None:
+            return None
+        if self._texts is None:
+            self._texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
+        return self._texts[token] if token < len(self._texts) else ""
 
     # ----------------------------------------------------------- running in a thread (tests)
 
@@ -198,13 +274,16 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> by
     return json_response(status, {"object": "error", "message": message, "type": kind, "code": status})
 
 
-def serve_model_folder(folder: str, port: int, name: str | None, max_logprobs: int, delay_s: float) -> LogprobServer:
+def serve_model_folder(folder: str, port: int, name: str | None, max_logprobs: int, delay_s: float,
+                       table: bool = False) -> LogprobServer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    return LogprobServer(model_scorer(model, len(tokenizer)), name or folder, tokenizer, max_logprobs,
-                         delay_s=delay_s, port=port)
+    if table:
+        scorer = table_scorer(len(tokenizer))
+    else:
+        scorer = model_scorer(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), len(tokenizer))
+    return LogprobServer(scorer, name or folder, tokenizer, max_logprobs, delay_s=delay_s, port=port)
 
 
 def main() -> None:
@@ -214,8 +293,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="served model name (default: the folder)")
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--table", action="store_true", help="answer from a random bigram table, not the model")
     args = parser.parse_args()
-    server = serve_model_folder(args.model, args.port, args.name, args.max_logprobs, args.delay)
+    server = serve_model_folder(args.model, args.port, args.name, args.max_logprobs, args.delay, args.table)
 
     async def serve() -> None:
         await server.start()
