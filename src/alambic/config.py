@@ -53,7 +53,7 @@ class TeacherConfig(ModelConfig):
     server: str | None = Field(None, description="OpenAI-compatible URL of a served teacher (vLLM prompt_logprobs)")
     server_model: str | None = Field(None, description="the model name the server must list (served teacher)")
     top_k: int | None = Field(None, ge=1, description="log-probabilities per position from the server")
-    served: ServedTeacherOptions = ServedTeacherOptions()
+    served: ServedTeacherOptions | None = Field(None, description="requests, prefetch, retries of teacher.server")
 
     @model_validator(mode="after")
     def _model_or_cache(self) -> "TeacherConfig":
@@ -61,7 +61,7 @@ class TeacherConfig(ModelConfig):
             raise ValueError(
                 "a teacher needs `model` (hub id or folder), `cache` (a logit cache folder) or `server` (a URL)"
             )
-        if self.server is not None:
+        if self.server is not None or self.served is not None:
             from alambic.teachers.served_checks import check_server_fields
 
             check_server_fields(self)

@@ -50,7 +50,9 @@ class ServedTeacher:
     scores_any_text = True
 
     def __init__(self, teacher_cfg, tokenizer, vocab_size: int, seed: int = 0):
-        options = teacher_cfg.served
+        from alambic.config_served import ServedTeacherOptions
+
+        options = teacher_cfg.served or ServedTeacherOptions()
         api_key = None
         if options.api_key_env is not None:
             from alambic.generate.backends.openai_backend import read_api_key

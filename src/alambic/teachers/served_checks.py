@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 
 def check_server_fields(teacher) -> None:
     """Raise ValueError (shown as a config error) for a teacher section that cannot describe a served teacher."""
+    if teacher.server is None:
+        raise ValueError("teacher.served configures a served teacher: set teacher.server too (or remove teacher.served)")
     parsed = urlparse(teacher.server)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(
