@@ -131,3 +131,27 @@ def test_the_table_servers_prepared_answers_equal_its_plain_ones():
     for a, b in zip(plain["choices"], fast["choices"]):
         assert a["prompt_logprobs"] == b["prompt_logprobs"]
         assert a["logprobs"]["top_logprobs"] == b["logprobs"]["top_logprobs"]
+
+
+def test_retry_after_is_honoured_through_generates_backoff():
+    """A 429 with Retry-After: the next attempt waits at least that long, then the answer is used."""
+    import random
+
+    from alambic.config_served import ServedRetry
+    from alambic.generate.testing.fault_proxy import FaultProxy
+    from alambic.teachers.testing.logprob_server import LogprobServer, table_scorer
+
+    # A proxy seed whose first draw injects the 429 (rate 0.5) and whose second forwards.
+    seed = next(s for s in range(1000) if (lambda r: r.random() < 0.5 <= r.random())(random.Random(s)))
+    server = LogprobServer(table_scorer(30), "t", None, max_logprobs=5).start_in_thread()
+    proxy = FaultProxy("127.0.0.1", server.port, {"rate_limit": 0.5}, retry_after="0.3", seed=seed).start_in_thread()
+    try:
+        client = PromptLogprobClient(proxy.base_url, "t", 3, timeout_s=5,
+                                     retry=ServedRetry(max_attempts=3, base_delay_s=0.01, max_delay_s=0.02))
+        (signal,) = client.score([[1, 2, 3, 4]])
+    finally:
+        proxy.stop()
+        server.stop()
+    assert [event.fault for event in proxy.events] == ["rate_limit", "forwarded"]
+    assert proxy.events[1].time - proxy.events[0].time >= 0.3
+    assert client.stats.errors == {"rate_limited": 1} and signal.ids.shape == (4, 3)
