@@ -11,27 +11,13 @@ See `alambic.teachers.served` and docs/served-teacher.md.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from alambic.config_base import Strict
+from alambic.generate.config import RetryConfig  # the retry policy of `alambic generate`, read by generate/retry.py
 
 
-
-class ServedRetry(BaseModel):
-    """The retry policy of `alambic generate` (same fields; `alambic.generate.retry.backoff_delay` reads it).
-
-    Kept separate from generate's RetryConfig only because alambic.generate.config imports this package's config.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_attempts: int = Field(8, ge=1, description="attempts per request, the first one included")
-    base_delay_s: float = Field(0.5, gt=0.0, description="first backoff; doubles each attempt, with full jitter")
-    max_delay_s: float = Field(30.0, gt=0.0, description="cap on one backoff wait")
-    max_retry_after_s: float = Field(120.0, gt=0.0, description="cap on a server's Retry-After")
-
-
-class ServedTeacherOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
+class ServedTeacherOptions(Strict):
     prefetch: int = Field(
         4, ge=0, description="micro-batches requested ahead of the current step (0: only the current step's)"
     )
@@ -39,7 +25,7 @@ class ServedTeacherOptions(BaseModel):
     rows_per_request: int | None = Field(None, ge=1, description="rows per request (default: one micro-batch)")
     timeout_s: float = Field(120.0, gt=0.0, description="per attempt")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key")
-    retry: ServedRetry = ServedRetry()
+    retry: RetryConfig = RetryConfig()
     check_tokens: int = Field(
         256, ge=0, description="token ids whose text is compared with the server's at start (0: skip)"
     )

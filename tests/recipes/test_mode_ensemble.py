@@ -7,10 +7,11 @@ import torch
 
 from alambic.config import DistillConfig
 from alambic.losses import per_token_distillation_loss
+from alambic.losses.options import LossOptions
 from alambic.teachers.base import SignalRequest
 from alambic.teachers.ensemble import confidence_weights, dense_logprobs_from_topk, mixture_logits
 from alambic.training.loop import run_distillation
-from alambic.training.step_loss import loss_options
+from alambic.training.step_loss import per_token_loss, shift_signal
 from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, first_batch, micro_config
 
@@ -70,9 +71,11 @@ def test_divergences_mix_is_the_weighted_sum_of_each_teachers_loss(micro, tmp_pa
     signal = setup.teacher(batch, SignalRequest())
     student_logits = torch.randn(*batch["input_ids"].shape, setup.vocab_size)[:, :-1]
     labels = batch["labels"][:, 1:]
-    got = signal.extras["per_token_loss"](student_logits, labels, shift=True)
+    options = LossOptions.from_config(config.loss)
+    assert signal.components is not None and len(signal.components) == 2
+    got = per_token_loss(student_logits, shift_signal(signal), labels, options)
     each = [per_token_distillation_loss(student_logits, member.source(batch, SignalRequest()).logits[:, :-1], labels,
-                                        **loss_options(config.loss)) for member in setup.teacher.members]
+                                        **options.kwargs()) for member in setup.teacher.members]
     for name in ("loss", "kd", "ce"):
         torch.testing.assert_close(got[name], 0.75 * each[0][name] + 0.25 * each[1][name], rtol=1e-5, atol=1e-6)
 

@@ -11,7 +11,7 @@ from helpers import expect_exit_2, kd_config, write_config
 from alambic.config import DistillConfig
 from alambic.data import IGNORE
 from alambic.training.modes import rollouts
-from alambic.training.modes.rollouts import (
+from alambic.training.sampling import (
     hf_generate, prompt_lengths, rollout_seed, samples_at, split_prompts,
 )
 

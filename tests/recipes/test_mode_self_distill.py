@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from alambic.config import DistillConfig
 from alambic.teachers.ema import FrozenCopy, ema_update
 from alambic.training.loop import run_distillation
-from alambic.training.step_loss import loss_sums
+from alambic.training.step_loss import StepOutputs, loss_sums
 from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, classifier_config, first_batch, micro_config
 
@@ -98,7 +98,7 @@ def test_early_exit_target_is_the_detached_final_layer(micro, tmp_path):
     batch = first_batch(mapping, setup)
     setup.student.eval()
     outputs = setup.student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)
-    exit_sums = term(setup.student, {**batch, "_student_outputs": outputs}, None)
+    exit_sums = term(StepOutputs(setup.student, batch, outputs, None, term.options, config.task))
     exit_sums["loss"].backward()
     # Only the shallow part learns from the exit: the final classifier gets no gradient from it.
     assert setup.student.model.classifier.weight.grad is None

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(not URL or not PATH, reason="set ALAMBIC_VLLM_UR
 
 
 def _client(top_k: int, model: str = MODEL):
-    from alambic.config_served import ServedRetry
+    from alambic.generate.config import RetryConfig
     from alambic.teachers.served_client import PromptLogprobClient
 
-    return PromptLogprobClient(URL, model, top_k, timeout_s=120, retry=ServedRetry(max_attempts=3, base_delay_s=0.5))
+    return PromptLogprobClient(URL, model, top_k, timeout_s=120, retry=RetryConfig(max_attempts=3, base_delay_s=0.5))
 
 
 def _tokenizer():

@@ -137,7 +137,7 @@ def test_retry_after_is_honoured_through_generates_backoff():
     """A 429 with Retry-After: the next attempt waits at least that long, then the answer is used."""
     import random
 
-    from alambic.config_served import ServedRetry
+    from alambic.generate.config import RetryConfig
     from alambic.generate.testing.fault_proxy import FaultProxy
     from alambic.teachers.testing.logprob_server import LogprobServer, table_scorer
 
@@ -147,7 +147,7 @@ def test_retry_after_is_honoured_through_generates_backoff():
     proxy = FaultProxy("127.0.0.1", server.port, {"rate_limit": 0.5}, retry_after="0.3", seed=seed).start_in_thread()
     try:
         client = PromptLogprobClient(proxy.base_url, "t", 3, timeout_s=5,
-                                     retry=ServedRetry(max_attempts=3, base_delay_s=0.01, max_delay_s=0.02))
+                                     retry=RetryConfig(max_attempts=3, base_delay_s=0.01, max_delay_s=0.02))
         (signal,) = client.score([[1, 2, 3, 4]])
     finally:
         proxy.stop()

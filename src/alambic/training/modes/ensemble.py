@@ -15,7 +15,7 @@ from alambic.errors import ConfigError, DataError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.ensemble import EnsembleTeacher, Member, RouteTable
 from alambic.teachers.live import LiveTeacher
-from alambic.training.step_loss import loss_options
+from alambic.training.modes.base import TeacherChoice
 
 
 def teacher_names(teachers) -> list[str]:
@@ -77,16 +77,13 @@ def build_route_table(config, tokenizer, names: list[str], column: str) -> Route
     return RouteTable(routes, column)
 
 
-def _check_combination(config) -> EnsembleConfig:
+def teacher(setup, config) -> TeacherChoice | None:
+    """The teachers of the `teachers:` list, combined as `ensemble:` says."""
+    if not config.teachers:
+        return None
     if sum(t.weight for t in config.teachers) <= 0:
         raise ConfigError("every teacher has weight 0", "give at least one teacher a positive weight")
-    return config.ensemble or EnsembleConfig()
-
-
-def configure(setup, config) -> None:
-    if not config.teachers and config.ensemble is None:
-        return
-    ensemble = _check_combination(config)
+    ensemble = config.ensemble or EnsembleConfig()
     names = teacher_names(config.teachers)
     members = [
         Member(name, _live_member(t, k, setup, config) if t.model is not None else _cached_member(t), t.weight)
@@ -95,10 +92,6 @@ def configure(setup, config) -> None:
     routes = None
     if ensemble.method == "route":
         routes = build_route_table(config, setup.tokenizer, names, ensemble.route_column)
-    setup.teacher = EnsembleTeacher(
-        members, ensemble.method, ensemble.mix, config.loss.temperature, setup.vocab_size,
-        loss_options(config.loss), routes,
-    )
-    setup.teacher_name = setup.teacher.name
+    source = EnsembleTeacher(members, ensemble.method, ensemble.mix, config.loss.temperature, setup.vocab_size, routes)
     # Held-out KL needs a dense signal on any text; a logit cache only covers its own rows.
-    setup.teacher_evaluable = all(t.model is not None for t in config.teachers)
+    return TeacherChoice(source, source.name, evaluable=all(t.model is not None for t in config.teachers))

@@ -34,7 +34,6 @@ from alambic.losses.representation import (
     sample_relation_mse,
     token_relation_mse,
 )
-from alambic.training.step_loss import student_module
 
 AUXILIARY_KEY = "representation"
 
@@ -103,6 +102,8 @@ def _final_states(outputs: dict, signal) -> tuple[torch.Tensor, torch.Tensor]:
 class RepresentationTerm:
     """The extra loss term: sums over loss positions of every configured feature loss."""
 
+    name = "representation"
+
     def __init__(self, rep_cfg, task: str, hidden_map: dict, attention_map: dict, relation_map: dict):
         self.cfg = rep_cfg
         self.task = task
@@ -113,9 +114,9 @@ class RepresentationTerm:
         if attention_map:
             self.needs |= {"student_attentions", "teacher_attentions"}
 
-    def __call__(self, student, batch: dict, teacher) -> dict:
-        outputs, signal = batch["_student_outputs"], batch["_teacher_signal"]
-        projections = student_module(student).auxiliary[AUXILIARY_KEY]
+    def __call__(self, step) -> dict:
+        batch, outputs, signal = step.batch, step.outputs, step.signal
+        projections = step.module.auxiliary[AUXILIARY_KEY]
         weights = position_weights(batch, self.task)
         key_mask = batch["attention_mask"]
         sums = {}
