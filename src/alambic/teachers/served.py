@@ -45,9 +45,7 @@ STATS_FILE = "served_teacher.json"
 
 
 class ServedTeacher:
-    """A `TeacherSource` whose signal comes from a server; `scores_any_text`: on-policy samples too."""
-
-    scores_any_text = True
+    """A `TeacherSource` whose signal comes from a server: any rows, on-policy samples included."""
 
     def __init__(self, teacher_cfg, tokenizer, vocab_size: int, seed: int = 0):
         from alambic.config_served import ServedTeacherOptions

@@ -104,9 +104,15 @@ def check_prompt_logprobs(client, tokenizer, vocab_size: int, sample_rows: list[
             f"teacher.top_k is {client.top_k}", f"lower teacher.top_k to {err.got}, or serve with {LAUNCH_HINT}",
         ) from None
     except RejectedRequestError as err:
+        if "logprob" in str(err).lower():
+            raise ConfigError(
+                f"the teacher server at {client.url} refused prompt_logprobs={client.top_k}: {err}",
+                f"lower teacher.top_k, or start the server with a higher limit: {LAUNCH_HINT}",
+            ) from None
         raise ConfigError(
-            f"the teacher server at {client.url} refused prompt_logprobs={client.top_k}: {err}",
-            f"lower teacher.top_k, or start the server with a higher limit: {LAUNCH_HINT}",
+            f"the teacher server at {client.url} refused the start-up probe (token ids 0..{vocab_size - 1} of the "
+            f"student's vocabulary): {err}",
+            "serve a teacher with the student's tokenizer, and check teacher.top_k and data.max_length",
         ) from None
     except FatalTeacherError as err:
         raise ConfigError(str(err.message), err.hint) from None
