@@ -155,3 +155,33 @@ def test_retry_after_is_honoured_through_generates_backoff():
     assert [event.fault for event in proxy.events] == ["rate_limit", "forwarded"]
     assert proxy.events[1].time - proxy.events[0].time >= 0.3
     assert client.stats.errors == {"rate_limited": 1} and signal.ids.shape == (4, 3)
+
+
+def test_a_kept_alive_connection_closed_while_idle_is_reopened_without_an_error():
+    """uvicorn (vLLM) closes idle keep-alive connections after 5 s: the next request must not count as failed."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            body = b'{"data": []}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True  # closes after answering, without announcing it
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = PromptLogprobClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", 2, timeout_s=5, retry=None)
+        for _ in range(3):
+            assert client.get_json("/models") == (200, {"data": []})
+    finally:
+        server.shutdown()

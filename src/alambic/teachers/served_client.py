@@ -50,6 +50,10 @@ class TeacherServerDown(AlambicError):
     exit_code = 3
 
 
+class _StaleConnection(Exception):
+    """A kept-alive connection was closed by the server while idle: reopen and send again (not an attempt)."""
+
+
 class ClientStopped(Exception):
     """The client was closed while a request was waiting to be retried."""
 
@@ -114,14 +118,22 @@ class PromptLogprobClient:
         self._local.connection = None
 
     def request(self, method: str, path: str, payload=None) -> tuple[int, dict, bytes]:
-        """One attempt: (status, lower-cased headers, body); connection problems raise the generate error classes."""
+        """One attempt: (status, lower-cased headers, body); connection problems raise the generate error classes.
+
+        A kept-alive connection the server closed while idle (uvicorn, under vLLM, after 5 s) fails
+        on first use: that is not an attempt, so it is reopened and the request sent again at once.
+        """
         body = None if payload is None else json.dumps(payload).encode()
+        try:
+            return self._send(method, path, body, reused=getattr(self._local, "connection", None) is not None)
+        except _StaleConnection:
+            return self._send(method, path, body, reused=False)
+
+    def _send(self, method: str, path: str, body: bytes | None, reused: bool) -> tuple[int, dict, bytes]:
         connection = self._connection()
         try:
             connection.request(method, path, body=body, headers=self._headers)
-            response = connection.getresponse()
-            data = response.read()
-            headers = {k.lower(): v for k, v in response.getheaders()}
+            return self._finish(connection.getresponse())
         except (ConnectionRefusedError, socket.gaierror) as err:
             self._drop_connection()
             raise UnreachableTeacherError(f"cannot connect to {self.url} ({type(err).__name__})", self.url) from None
@@ -131,9 +143,18 @@ class PromptLogprobClient:
         except http.client.IncompleteRead:
             self._drop_connection()
             raise TransientTeacherError("truncated", "the answer was cut off before its end") from None
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+            self._drop_connection()
+            if reused:
+                raise _StaleConnection() from None
+            raise TransientTeacherError("connection", f"connection broke off ({type(err).__name__})") from None
         except (http.client.HTTPException, OSError) as err:
             self._drop_connection()
             raise TransientTeacherError("connection", f"connection broke off ({type(err).__name__})") from None
+
+    def _finish(self, response) -> tuple[int, dict, bytes]:
+        data = response.read()
+        headers = {k.lower(): v for k, v in response.getheaders()}
         if headers.get("connection", "").lower() == "close":
             self._drop_connection()
         return response.status, headers, data
