@@ -185,3 +185,20 @@ def test_a_kept_alive_connection_closed_while_idle_is_reopened_without_an_error(
             assert client.get_json("/models") == (200, {"data": []})
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("teacher, needle", [
+    ({"server": "http://h:1/v1", "model": "x", "server_model": "m", "top_k": 2}, "cannot be combined with teacher.model"),
+    ({"server": "http://h:1/v1", "top_k": 2}, "needs teacher.server_model"),
+    ({"server": "http://h:1/v1", "server_model": "m"}, "needs teacher.top_k"),
+    ({"server": "h:1", "server_model": "m", "top_k": 2}, "must be an http(s) URL"),
+    ({"model": "x", "served": {"prefetch": 2}}, "set teacher.server too"),
+])
+def test_served_teacher_fields_are_checked_when_the_config_is_read(teacher, needle):
+    from alambic.config import DistillConfig, validate_mapping
+    from alambic.errors import ConfigError
+
+    mapping = {"teacher": teacher, "student": {"model": "s"}, "data": {"train": "t.jsonl"}}
+    with pytest.raises(ConfigError) as raised:
+        validate_mapping(mapping, DistillConfig, "c.yaml")
+    assert needle in str(raised.value)
