@@ -116,3 +116,21 @@ def test_two_ddp_processes_share_one_server(tiny, tmp_path):
     single = _run(sf.run_config(tiny, tmp_path / "single", batch_size=4))
     ddp_losses = [json.loads(line)["loss"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert ddp_losses == pytest.approx([r["loss"] for r in single.history], rel=1e-4)
+
+
+def test_a_streamed_cache_continues_across_runs_to_the_same_bytes(tiny, tmp_path):
+    """Shards finished by a stopped run are kept; the next run completes the folder, byte for byte."""
+    def streamed(out, folder, steps, complete):
+        mapping = sf.run_config(tiny, tmp_path / out, max_steps=steps)
+        mapping["teacher"]["served"].update({"stream_cache": str(tmp_path / folder), "stream_cache_shard_rows": 3,
+                                             "complete_stream_cache": complete})
+        return _run(mapping)
+
+    streamed("first", "partial", 3, complete=False)
+    manifest = json.loads((tmp_path / "partial" / "manifest.json").read_text())
+    assert 0 < len(manifest["shards"]) < manifest["num_shards"] and not manifest["complete"]
+    streamed("second", "partial", 1, complete=True)
+    streamed("whole", "whole", 1, complete=True)
+    shards = {folder: {e["file"]: e["sha256"] for e in json.loads((tmp_path / folder / "manifest.json").read_text())["shards"]}
+              for folder in ("partial", "whole")}
+    assert shards["partial"] == shards["whole"] and json.loads((tmp_path / "partial" / "manifest.json").read_text())["complete"]
