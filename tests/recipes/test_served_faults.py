@@ -21,18 +21,17 @@ from alambic.training.loop import run_distillation
 from helpers import REPO, invoke, write_config
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    built = sf.build_tiny(tmp_path_factory.mktemp("served_faults"))
-    yield built
-    built.server.stop()
+@pytest.fixture
+def tiny(served_tiny):
+    served_tiny.server.fail_from = None
+    return served_tiny
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def reference(served_tiny, tmp_path_factory):
     """The fault-free served run (6 steps)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    return run_distillation(DistillConfig.model_validate(sf.run_config(tiny, out, max_steps=6)), overwrite=True)
+    return run_distillation(DistillConfig.model_validate(sf.run_config(served_tiny, out, max_steps=6)), overwrite=True)
 
 
 def test_injected_faults_give_the_fault_free_weights(tiny, reference, tmp_path):
@@ -83,7 +82,7 @@ def _wait_for_checkpoint(run_dir, process, timeout=120):
 def test_kill_and_resume_gives_the_uninterrupted_weights(tiny, reference, tmp_path):
     mapping = sf.run_config(tiny, tmp_path / "killed", max_steps=6, save_every=2)
     config = write_config(tmp_path / "kill.yaml", mapping)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ALAMBIC_DEBUG_STEP_SLEEP": "0.4"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ALAMBIC_DEBUG_STEP_SLEEP": "0.3"}
     process = subprocess.Popen([sys.executable, "-m", "alambic.cli", "distill", str(config)], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(tmp_path / "killed", process)

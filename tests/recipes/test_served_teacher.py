@@ -19,11 +19,10 @@ from alambic.config import DistillConfig
 from alambic.training.loop import run_distillation
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    built = sf.build_tiny(tmp_path_factory.mktemp("served"))
-    yield built
-    built.server.stop()
+@pytest.fixture
+def tiny(served_tiny):
+    served_tiny.server.fail_from = None
+    return served_tiny
 
 
 def _run(mapping, **kwargs):
