@@ -100,7 +100,8 @@ FEATURES: dict[str, Feature] = {
         lambda c: c.teacher is None and not c.teachers and not _self_teacher(c) and c.co_distill is None
         and not _record_logprobs(c)),
     "served_teacher": Feature(
-        "a served teacher (teacher.server)", lambda c: c.teacher is not None and c.teacher.server is not None),
+        "a served teacher (teacher.server)", lambda c: c.teacher is not None and c.teacher.server is not None,
+        lambda c: f"teacher.server is {c.teacher.server}"),
     "served_member": Feature("a served teacher in `teachers:`", lambda c: any(t.server is not None for t in c.teachers)),
     "record_logprobs": Feature(
         "data.logprobs_column as the teacher (stored top-k logprobs)", _record_logprobs),
