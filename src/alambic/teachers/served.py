@@ -123,7 +123,7 @@ class ServedTeacher:
         key = batch_key(rows)
         if key not in self.pending:
             self._start_workers()
-            size = self.options.rows_per_request or len(rows)
+            size = self.options.rows_per_request or max(1, len(rows))
             futures = []
             for start in range(0, len(rows), size):
                 future: Future = Future()
