@@ -55,6 +55,9 @@ EXAMPLES = {
     "vllm": {"rollout": {"engine": "vllm"}},
     "fsdp": {"train": {"strategy": "fsdp"}},
     "fp16": {"train": {"mixed_precision": "fp16"}},
+    "served_teacher": {"teacher": {"model": None, "server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5}},
+    "served_member": {"teachers": [{"server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5, "name": "s"},
+                                   {"model": f"{MISSING}/m", "name": "m"}]},
 }
 
 
