@@ -150,7 +150,7 @@ class FSDPStrategy(DDPStrategy):
         fsdp = self.config.train.fsdp
         student = setup.student
         if fsdp.activation_checkpointing:
-            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(student.model)
         full = student.state_dict() if self.rank == 0 else {}
         self._shard(student, decoder_layers(student.model), fsdp.reshard_after_forward, root_reshard=False, trainable=True)
         self._fill_from_main(student, full)
@@ -265,6 +265,14 @@ class ShardedTeacher(nn.Module):
         bias = getattr(head, "bias", None)
         gather = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
         return SimpleNamespace(weight=gather(weight), bias=None if bias is None else gather(bias))
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (transformers' own hook, non-reentrant)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _broadcast_whole(model: nn.Module, device, rank: int) -> None:
