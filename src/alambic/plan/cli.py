@@ -84,6 +84,8 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
     placements = [c for c in COMBINATIONS if teacher is not None or c[1] == "cache"]
     if config.teacher is None:
         placements = [("ddp", "none"), ("fsdp", "none")]
+    elif getattr(config.teacher, "server", None):  # a served teacher runs elsewhere
+        placements = [("ddp", "served"), ("fsdp", "served")]
     estimates = [estimate(student, teacher, work, s, p, processes) for s, p in placements]
     device_bytes = None if device_gb is None else int(device_gb * GB)
     fitting = [e for e in estimates if e.fits(device_bytes) is not False]
@@ -98,14 +100,15 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
         "nothing fits: set train.fsdp.activation_checkpointing: true, lower train.batch_size or data.max_length, "
         "or use more processes",
     }
-    if with_cache_size:
+    if with_cache_size and config.teacher is not None:
         result["cache_tokens"], result["cache_bytes"] = _cache_disk_bytes(config, k)
     return result
 
 
 def _recommend(best: Estimate) -> str:
     teacher = {"co-located": "a full teacher on every process", "sharded": "train.fsdp.shard_teacher: true",
-               "cache": "an offline logit cache (alambic cache-logits, then teacher.cache)", "none": "no teacher"}[best.teacher]
+               "cache": "an offline logit cache (alambic cache-logits, then teacher.cache)", "none": "no teacher",
+               "served": "the served teacher (teacher.server)"}[best.teacher]
     extra = " train.fsdp.shard_teacher=false" if best.strategy == "fsdp" and best.teacher == "co-located" else ""
     return f"train.strategy={best.strategy}{extra} with {teacher}"
 
@@ -156,5 +159,6 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"recommended: {result['recommendation']}")
         typer.echo(f"host (CPU) memory while loading: {_gb(result['host_load_bytes'])} in the main process "
                    "(under ddp in every process; under fsdp the others receive their shards from it)")
-        typer.echo(f"logit cache of the training data (k={k}): {result['cache_tokens']:,} tokens, "
-                   f"{_gb(result['cache_bytes'])} on disk")
+        if "cache_bytes" in result:
+            typer.echo(f"logit cache of the training data (k={k}): {result['cache_tokens']:,} tokens, "
+                       f"{_gb(result['cache_bytes'])} on disk")

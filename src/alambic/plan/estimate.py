@@ -102,7 +102,7 @@ def loss_bytes(vocab: int, work: Workload) -> int:
 @dataclass
 class Estimate:
     strategy: str
-    teacher: str  # co-located | sharded | cache | none
+    teacher: str  # co-located | sharded | cache | served | none
     processes: int
     parts: dict = field(default_factory=dict)  # name -> bytes
     peak: int = 0
@@ -144,12 +144,13 @@ def estimate(student: ModelShape, teacher: ModelShape | None, work: Workload, st
             parts["teacher gathered weights"] = width * (teacher.root_parameters + 2 * teacher.layer_parameters)
             teacher_phase += parts["teacher gathered weights"]
             head_gather = width * teacher.vocab * teacher.hidden if work.fused else 0
-    elif placement == "cache":
-        parts["cache read buffers"] = tokens * work.top_k * 12 + tokens * 4  # int64 ids + fp32 log-probs, tail
+    elif placement in ("cache", "served"):  # decoded top-k of the batch (served: the server's top_k)
+        parts["cache read buffers" if placement == "cache" else "served top-k buffers"] = tokens * work.top_k * 12 + tokens * 4  # int64 ids + fp32 log-probs, tail
     static = parts["student parameters"] + parts["optimizer state (AdamW)"] + parts.get("teacher parameters", 0)
     static += parts.get("FSDP gathered weights", 0) - gathered_layers
     backward = parts["activations"] + parts["loss chunk"] + parts.get("teacher output", 0) + parts["student gradients"]
     backward += parts.get("DDP gradient buckets", 0) + parts.get("cache read buffers", 0) + gathered_layers + head_gather
+    backward += parts.get("served top-k buffers", 0)
     step = parts["student gradients"] + parts.get("DDP gradient buckets", 0) + FP32 * p // divide  # AdamW temporaries
     if work.runtime_bytes:
         parts["runtime (not tensors)"] = work.runtime_bytes
