@@ -46,9 +46,11 @@ def build_models(folder: Path, size: str) -> dict:
     vocab = len(AutoTokenizer.from_pretrained(paths["tokenizer"]))
     t_hidden, t_layers, s_hidden, s_layers, _, _ = SIZES[size]
     heads = max(2, t_hidden // 64)
-    teacher = save_model_with_tokenizer(tiny_llama(vocab, hidden=t_hidden, layers=t_layers, heads=heads), paths["tokenizer"], folder / f"teacher-{size}")
+    teacher = save_model_with_tokenizer(
+        tiny_llama(vocab, hidden=t_hidden, layers=t_layers, heads=heads), paths["tokenizer"], folder / f"teacher-{size}")
     student = save_model_with_tokenizer(
-        tiny_llama(vocab, hidden=s_hidden, layers=s_layers, heads=max(2, s_hidden // 64), seed=1), paths["tokenizer"], folder / f"student-{size}")
+        tiny_llama(vocab, hidden=s_hidden, layers=s_layers, heads=max(2, s_hidden // 64), seed=1), paths["tokenizer"],
+        folder / f"student-{size}")
     return {**paths, "teacher": teacher, "student": student}
 
 

@@ -28,7 +28,8 @@ def main(config_path: str, report_dir: str) -> None:  # argv[3] == --resume: con
         report.update(
             rank=self.rank, world_size=self.world_size,
             student_full=full_student, student_local=distributed.local_parameter_bytes(student),
-            teacher_full=full_teacher, teacher_local=distributed.local_parameter_bytes(teacher) if teacher is not None else 0,
+            teacher_full=full_teacher,
+            teacher_local=distributed.local_parameter_bytes(teacher) if teacher is not None else 0,
             embedding_local_rows=int(student.model.get_input_embeddings().weight.to_local().shape[0]),
             head_local_rows=int(student.model.get_output_embeddings().weight.to_local().shape[0]),
         )

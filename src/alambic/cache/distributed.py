@@ -67,7 +67,9 @@ def _on_main(work):
         raise kind(message, hint)
 
 
-def write_logit_cache_distributed(folder, rows, compute_logits, identity, *, batch_size, pad_token_id, resume, overwrite) -> dict:
+def write_logit_cache_distributed(
+    folder, rows, compute_logits, identity, *, batch_size, pad_token_id, resume, overwrite
+) -> dict:
     """Collective: every process of the group calls it; returns the final manifest."""
     import torch.distributed as dist
 
@@ -90,7 +92,8 @@ def write_logit_cache_distributed(folder, rows, compute_logits, identity, *, bat
     journal, mine = folder / JOURNALS / f"rank-{rank:05d}.json", []
     for index in missing[rank::world]:
         start, stop = identity.shard_bounds(index)
-        offsets, records = encode_shard_rows([rows[i] for i in range(start, stop)], compute_logits, identity, batch_size, pad_token_id)
+        shard_rows = [rows[i] for i in range(start, stop)]
+        offsets, records = encode_shard_rows(shard_rows, compute_logits, identity, batch_size, pad_token_id)
         size, checksum = write_shard(folder / shard_name(index), offsets, records)
         mine.append({"index": index, "file": shard_name(index), "rows": [start, stop], "tokens": int(offsets[-1]),
                      "bytes": size, "sha256": checksum})

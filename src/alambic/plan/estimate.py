@@ -111,7 +111,9 @@ class Estimate:
         return None if device_bytes is None else self.peak <= device_bytes
 
 
-def estimate(student: ModelShape, teacher: ModelShape | None, work: Workload, strategy: str, placement: str, n: int) -> Estimate:
+def estimate(
+    student: ModelShape, teacher: ModelShape | None, work: Workload, strategy: str, placement: str, n: int
+) -> Estimate:
     """Per-process bytes of one (strategy, teacher placement) on `n` processes."""
     p = student.parameters
     sharded = strategy == "fsdp"
@@ -145,7 +147,8 @@ def estimate(student: ModelShape, teacher: ModelShape | None, work: Workload, st
             teacher_phase += parts["teacher gathered weights"]
             head_gather = width * teacher.vocab * teacher.hidden if work.fused else 0
     elif placement in ("cache", "served"):  # decoded top-k of the batch (served: the server's top_k)
-        parts["cache read buffers" if placement == "cache" else "served top-k buffers"] = tokens * work.top_k * 12 + tokens * 4  # int64 ids + fp32 log-probs, tail
+        name = "cache read buffers" if placement == "cache" else "served top-k buffers"
+        parts[name] = tokens * work.top_k * 12 + tokens * 4  # int64 ids + fp32 log-probs, tail
     static = parts["student parameters"] + parts["optimizer state (AdamW)"] + parts.get("teacher parameters", 0)
     static += parts.get("FSDP gathered weights", 0) - gathered_layers
     backward = parts["activations"] + parts["loss chunk"] + parts.get("teacher output", 0) + parts["student gradients"]
