@@ -159,12 +159,14 @@ def test_resume_two_to_one_and_one_to_two_processes(fsdp_run, tmp_path):
     # 1 -> 2: the checkpoint at step 4 written by that 1 process, continued by 2.
     two = _copy_at(one, 4, tmp_path / "two")
     mapping = {**fsdp_run["mapping"], "train": {**fsdp_run["mapping"]["train"], "output_dir": str(two)}}
+    mapping["train"]["fsdp"] = {"shard_teacher": False}  # and a replicated teacher, copied from the main process
     config = write_config(tmp_path / "two.yaml", mapping)
     _torchrun(config, tmp_path / "report", resume=True, accelerate=True)  # --resume: batch_size went back from 4 to 2
     _assert_same_weights(_final(two), _final(fsdp_run["run"]))
     report = json.loads((tmp_path / "report" / "rank1.json").read_text())
     # sharded under accelerate launch too
     assert report["world_size"] == 2 and report["student_local"] * 2 == report["student_full"]
+    assert report["teacher_local"] == report["teacher_full"] > 0
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
