@@ -24,7 +24,7 @@ from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.training.evaluation import evaluate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
 from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
@@ -220,7 +220,7 @@ def _truncate_history(path: Path, step: int, is_main: bool) -> None:
     if not is_main or not path.exists():
         return
     kept = [r for r in _read_history(path) if r.get("step", 0) <= step]
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
