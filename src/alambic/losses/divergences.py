@@ -120,10 +120,13 @@ def restrict_to_teacher_top_k(
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """cap * tanh(logits / cap) (Gemma 2's final logit soft-capping); identity for None."""
+    """cap * tanh(logits / cap) (Gemma 2's final logit soft-capping); identity for None.
+
+    -inf stays -inf: it marks a column that is not a token (see token_divergence).
+    """
     if cap is None:
         return logits
-    return torch.tanh(logits / cap) * cap
+    return torch.where(torch.isneginf(logits), logits, torch.tanh(logits / cap) * cap)
 
 
 def _excluded_columns(

@@ -27,6 +27,7 @@ def loss_options(loss_cfg: LossConfig) -> dict:
         "beta": loss_cfg.beta,
         "skew_alpha": loss_cfg.skew_alpha,
         "top_k": loss_cfg.top_k,
+        "logit_softcap": loss_cfg.logit_softcap,
     }
 
 
@@ -50,15 +51,16 @@ def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> boo
 
 
 def _sums(per_token: dict, mask: torch.Tensor, weight: torch.Tensor | None) -> dict:
-    scale = mask.float() if weight is None else mask.float() * weight
-    return {name: (values * scale).sum() for name, values in per_token.items()}
+    # Selected, never multiplied by 0: a NaN at an uncounted position must not reach the sum.
+    scale = 1.0 if weight is None else weight
+    return {name: torch.where(mask, values * scale, 0.0).sum() for name, values in per_token.items()}
 
 
-def _sparse_per_token(student_logits, signal: TeacherSignal, labels, loss_cfg: LossConfig) -> dict:
+def _sparse_per_token(student_logits, signal: TeacherSignal, labels, loss_cfg: LossConfig, mask=None) -> dict:
     from alambic.losses.sparse import sparse_per_token_distillation_loss
 
     return sparse_per_token_distillation_loss(
-        student_logits, signal.topk_ids, signal.topk_logprobs, signal.tail_logmass, labels,
+        student_logits, signal.topk_ids, signal.topk_logprobs, signal.tail_logmass, labels, mask=mask,
         kd_mask=signal.extras.get("kd_mask"), **{k: v for k, v in loss_options(loss_cfg).items() if k != "top_k"},
     )
 
@@ -85,10 +87,12 @@ def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fus
     if custom_loss is not None:  # e.g. a multi-teacher weighted sum of divergences
         per_token = custom_loss(student_logits, labels, shift=True)
     elif signal is not None and signal.topk_ids is not None:
-        per_token = _sparse_per_token(student_logits, _shift_sparse(signal), labels, loss_cfg)
+        per_token = _sparse_per_token(student_logits, _shift_sparse(signal), labels, loss_cfg, mask)
     else:
         teacher_logits = signal.full_logits()[:, :-1] if signal is not None else None
-        per_token = per_token_distillation_loss(student_logits, teacher_logits, labels, **loss_options(loss_cfg))
+        per_token = per_token_distillation_loss(
+            student_logits, teacher_logits, labels, mask=mask, **loss_options(loss_cfg)
+        )
     return _sums(per_token, mask, weight)
 
 
