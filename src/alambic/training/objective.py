@@ -125,7 +125,7 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig) -> 
             student_hidden, weight, bias, flat_labels, None,
             topk_ids=shifted.topk_ids[mask], topk_logprobs=shifted.topk_logprobs[mask],
             tail_logmass=shifted.tail_logmass[mask], kd_mask=None if kd_mask is None else kd_mask[mask],
-            **options, **common,
+            student_transform=student_module(student).logit_transform(), **options, **common,
         )
     teacher_kwargs = {}
     if signal is not None and signal.hidden is not None:
@@ -133,11 +133,13 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig) -> 
             "teacher_hidden": signal.hidden[:, :-1][mask],
             "teacher_head_weight": signal.head_weight,
             "teacher_head_bias": signal.head_bias,
+            "teacher_transform": signal.logit_transform,
         }
     elif signal is not None:
         teacher_kwargs = {"teacher_logits": signal.full_logits()[:, :-1][mask]}
     return fused_distillation_loss(
-        student_hidden, weight, bias, flat_labels, None, **teacher_kwargs, **options, **common
+        student_hidden, weight, bias, flat_labels, None, **teacher_kwargs, **options, **common,
+        student_transform=student_module(student).logit_transform(),
     )
 
 
