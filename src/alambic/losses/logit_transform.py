@@ -104,6 +104,9 @@ def logit_transform_of(model) -> LogitTransform:
 
 def _probe_ids(model, tokens: int) -> torch.Tensor:
     vocab = model.get_output_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+        vocab = min(vocab, embeddings.num_embeddings)
     device = model.get_output_embeddings().weight.device
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
