@@ -19,7 +19,7 @@ import math
 import numbers
 
 from alambic.errors import ConfigError
-from alambic.objectives import OBJECTIVES
+from alambic.objective_names import OBJECTIVES
 
 
 class LossParameterError(ConfigError, ValueError):
