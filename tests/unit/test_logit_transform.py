@@ -245,7 +245,7 @@ def test_fused_logit_softcap_equals_plain(teacher_kind):
                else {"teacher_logits": teacher_hidden @ teacher_weight.T})
     fused = fused_distillation_loss(h2, w2, None, labels, None, chunk_size=4, **teacher, **options)["loss"]
     fused.backward()
-    assert float(fused) == pytest.approx(float(plain), rel=1e-10)
+    assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-10)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-9, atol=1e-12)
 
@@ -271,3 +271,24 @@ def test_sparse_logit_softcap_caps_the_student_in_plain_and_fused_sparse_paths()
     assert float(fused) == pytest.approx(float(plain["loss"].sum()), rel=1e-6)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_training_step_loss_fused_equals_plain_for_a_soft_capped_student_and_scaled_teacher():
+    """Through the loop's own step loss (training/step_loss.py): loss.fused true vs false."""
+    from alambic.config import LossConfig
+    from alambic.training.step_loss import loss_sums
+
+    ids, labels = _batch(seed=3)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = []
+    for fused in (True, False):
+        student = StudentModule(_model("gemma2", seed=1).float().train())
+        teacher = LiveTeacher(_model("granite", seed=2).float())
+        config = LossConfig(objective="jsd", alpha=0.3, fused=fused, chunk_size=4, logit_softcap=5.0)
+        sums = loss_sums(student, dict(batch), teacher, config, "causal_lm")
+        sums["loss"].backward()
+        results.append((float(sums["loss"].detach()), [p.grad.clone() for p in student.parameters()]))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-6)
