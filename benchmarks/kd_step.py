@@ -8,7 +8,7 @@ forward, head included)? Target: KD step <= 1.10 x (supervised + teacher forward
 Same models and data as benchmarks/e2e.py (Llama-style teacher 4 x 256, student
 2 x 128, V = 32000, batch 8 x --seq-len tokens, forward KL, T = 1, alpha 0),
 built through alambic's own setup (build_models, build_datasets) and stepped
-with the loop's own loss (training.objective.loss_sums), AdamW and clipping.
+with the loop's own loss (training.step_loss.loss_sums), AdamW and clipping.
 The three kinds of step are interleaved (sup, teacher, kd, sup, ...) so that load
 drift hits them alike; medians after --warmup rounds. --profile prints where a
 KD step's time goes (torch.profiler, top ops).
@@ -50,7 +50,7 @@ class Steps:
         import torch
 
         from alambic.training.loop import _load_batch
-        from alambic.training.objective import loss_sums
+        from alambic.training.step_loss import loss_sums
         from alambic.training.optim import build_optimizer
         from alambic.training.setup import build_models
         from alambic.data import build_datasets
