@@ -77,6 +77,8 @@ FEATURES: dict[str, Feature] = {
         lambda c: f"data.format is {c.data.format!r}"),
     # the loss
     "top_k": Feature("loss.top_k", lambda c: c.loss.top_k is not None, lambda c: f"{c.loss.top_k}"),
+    "logit_softcap": Feature("loss.logit_softcap", lambda c: getattr(c.loss, "logit_softcap", None) is not None,
+                             lambda c: f"{c.loss.logit_softcap}"),
     "alpha_one": Feature("loss.alpha = 1", lambda c: c.loss.alpha >= 1.0),
     "cosine": Feature("loss.objective 'cosine'", lambda c: c.loss.objective == "cosine"),
     "temperature_not_1": Feature("a loss.temperature other than 1", lambda c: c.loss.temperature != 1.0,
@@ -155,6 +157,8 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
                  "set loss.alpha below 1 (e.g. 0.5)"),
     Incompatible("cross_tokenizer", "top_k", "it picks teacher token ids the student does not have",
                  "remove loss.top_k"),
+    Incompatible("cross_tokenizer", "logit_softcap", "its ULD / projected-KL terms compare the two vocabularies' "
+                 "own distributions and would not cap them", "remove loss.logit_softcap"),
     Incompatible("cross_tokenizer", "packing", "the text of each row must be recovered on its own",
                  "set data.packing: false"),
     Incompatible("cross_tokenizer", "rollout", "rollouts score samples in one vocabulary",

@@ -108,10 +108,13 @@ class LossConfig(Strict):
     temperature: float = Field(1.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label CE (Hinton's alpha)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation")
-    skew_alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew KL mixing weight (DistiLLM)")
+    skew_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew KL mixing weight (DistiLLM), in (0, 1)")
     top_k: int | None = Field(None, ge=1, description="restrict the teacher distribution to its top-k tokens")
     fused: bool = Field(True, description="chunked LM-head loss for causal LMs (never materialises N x V logits)")
     chunk_size: int = Field(1024, ge=1)
+    logit_softcap: float | None = Field(
+        None, gt=0.0, description="cap both logit tensors inside the loss, c * tanh(z / c) (Gemma 2 uses 30)"
+    )
 
     @field_validator("objective")
     @classmethod

@@ -26,6 +26,7 @@ EXAMPLES = {
     "packing": {"data": {"packing": True}},
     "not_prompt_completion": {"data": {"format": "messages"}},
     "top_k": {"loss": {"top_k": 5}},
+    "logit_softcap": {"loss": {"logit_softcap": 30.0}},
     "alpha_one": {"loss": {"alpha": 1.0}},
     "cosine": {"loss": {"objective": "cosine"}},
     "temperature_not_1": {"loss": {"temperature": 2.0}},
