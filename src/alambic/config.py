@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alambic.config_modes import (
     CoDistillConfig,
@@ -29,12 +29,26 @@ from alambic.objectives import OBJECTIVES
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Task = Literal["causal_lm", "sequence_classification"]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # Adam's betas: in [0, 1)
+
+
+def known_objective(value: str) -> str:
+    """A pydantic validator body: the objective must be one alambic implements."""
+    if value not in OBJECTIVES:
+        close = difflib.get_close_matches(value, OBJECTIVES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
+    return value
+
+
+Objective = Annotated[str, AfterValidator(known_objective)]
 
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Non-finite numbers (.inf, .nan) are refused everywhere: a NaN temperature trains a NaN model.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -109,11 +123,7 @@ class LossConfig(Strict):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
-        if value not in OBJECTIVES:
-            close = difflib.get_close_matches(value, OBJECTIVES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
-        return value
+        return known_objective(value)
 
 
 class TrainConfig(Strict):
@@ -121,7 +131,7 @@ class TrainConfig(Strict):
     seed: int = 0
     lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(100, ge=1)
@@ -137,6 +147,9 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     progress: bool = True
+    nonfinite_skips: int = Field(
+        0, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops (exit 3)"
+    )
 
 
 class DistillConfig(Strict):
@@ -181,6 +194,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
                 "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
             )
         key, raw = item.split("=", 1)
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(
+                f"override {item!r} has no key (or an empty part in it) before '='",
+                "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
+            )
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -247,7 +265,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist", "check the path, e.g. configs/tiny_kd.yaml")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config {str(path)!r} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})",
+            "save the config as UTF-8 YAML (a binary or latin-1 file cannot be read)",
+        ) from None
     except OSError as err:
         raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror}", "check the file's permissions")
     try:

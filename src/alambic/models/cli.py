@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from alambic.config import ModelConfig, Strict, load_config
 from alambic.errors import ConfigError
+from alambic.output_paths import check_output_folder, make_folder, remove_created
 
 Keep = int | float
 
@@ -227,13 +228,12 @@ def print_report(report: dict) -> None:
 
 
 def _prepare_output(config: InitStudentConfig, overwrite: bool) -> tuple[Path, Path]:
-    output = Path(config.output_dir)
+    output = check_output_folder(config.output_dir, "output_dir")
     if output.exists() and not overwrite:
         raise ConfigError(f"output_dir {str(output)!r} already exists", "pass --overwrite or choose another output_dir")
     temporary = output.parent / f".tmp-{output.name}-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
-    temporary.parent.mkdir(parents=True, exist_ok=True)
     return output, temporary
 
 
@@ -258,7 +258,9 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     calibration, evaluation, on_calibration = load_texts(config, tokenizer)
     teacher = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     student = shrink(teacher, config, calibration, tokenizer, device)
+    created = []
     try:
+        created = make_folder(temporary.parent)
         student.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         report = {"method": config.method, "output_dir": str(output), "teacher_model": config.teacher.model}
@@ -282,6 +284,7 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
         _publish(temporary, output)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        remove_created(created)
         raise
     return report
 

@@ -7,14 +7,14 @@ The same config with checkpoints present resumes automatically.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
 
 from alambic.config import DistillConfig, dump_config
 from alambic.errors import ConfigError
-from alambic.training.checkpoint import atomic_write_text, list_checkpoints
+from alambic.training.checkpoint import atomic_write_text, latest_valid_checkpoint
+from alambic.training.run_lock import clear_folder, folder_is_empty, remove_stale_temporaries
 
 # Keys that do not change what a run computes, so changing them is not "a different run".
 COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers")}
@@ -33,7 +33,7 @@ def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Pat
     Returns the checkpoint to resume from, or None for a fresh start.
     """
     run_dir = Path(config.train.output_dir)
-    if overwrite or not run_dir.exists() or not any(run_dir.iterdir()):
+    if overwrite or folder_is_empty(run_dir):
         return None
     saved_config = run_dir / "config.yaml"
     if not saved_config.exists():
@@ -49,9 +49,9 @@ def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Pat
             "pass --resume to continue that run with this config, --overwrite to start again, "
             "or choose another train.output_dir",
         )
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        return checkpoints[-1]
+    checkpoint = latest_valid_checkpoint(run_dir)
+    if checkpoint is not None:
+        return checkpoint
     if (run_dir / "final").exists() and not resume:
         raise ConfigError(
             f"output folder {str(run_dir)!r} already holds a finished run with no checkpoint to resume",
@@ -64,7 +64,8 @@ def create_run_dir(config: DistillConfig, overwrite: bool) -> Path:
     """Called once models and data loaded fine, so a bad input leaves no folder behind."""
     run_dir = Path(config.train.output_dir)
     if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        clear_folder(run_dir)  # keeps the lock this run holds
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a run killed mid-write; the lock says none is live
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
     return run_dir
