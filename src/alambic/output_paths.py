@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from alambic.errors import ConfigError
@@ -82,3 +83,17 @@ def remove_created(created: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+@contextmanager
+def atomic_output_dir(final_path: str | Path):
+    """`durable.atomic_dir`, and the parent folders it had to create are removed again on failure."""
+    from alambic.durable import atomic_dir
+
+    created = make_folder(Path(final_path).parent)
+    try:
+        with atomic_dir(final_path) as temporary:
+            yield temporary
+    except BaseException:
+        remove_created(created)
+        raise

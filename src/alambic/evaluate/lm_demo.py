@@ -238,7 +238,7 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
     from alambic.data import read_records
     from alambic.evaluate.demo import save_and_render, train
     from alambic.evaluate.suite import ModelSpec, evaluate_causal_lms
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     hf_logging.set_verbosity_error()
     check_before_writing(config)

@@ -59,7 +59,7 @@ def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> di
     from alambic.evaluate.bbc import write_jsonl
     from alambic.evaluate.demo import train
     from alambic.evaluate.lm_demo import LMDemoConfig, build_llama, lm_train_config
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_dir
     from alambic.training.loop import run_distillation
 
     config = LMDemoConfig(seed=seed, teacher_steps=steps, teacher_lr=lr, warmup_steps=100, eval_every=250)
@@ -74,21 +74,19 @@ def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> di
     distill.train.save_every = 250  # resumable: the loop continues from the last checkpoint
     run = run_distillation(distill)
     final = run.output_dir / "final"
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(final, staging, ignore=shutil.ignore_patterns("*.md", "training_args*", "alambic_*"))
-    weights = (staging / "model.safetensors").read_bytes()
-    manifest = {
-        "command": "python -m alambic.evaluate.lm_teacher " + " ".join(sys.argv[1:]),
-        "python": sys.version.split()[0], "seed": seed, "steps": steps, "lr": lr,
-        "batch_size": config.batch_size, "max_length": config.max_length, "vocab_size": config.vocab_size,
-        "size": config.teacher.model_dump(), "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "final_eval": {k: v for k, v in run.history[-1].items() if k.startswith("eval_")} if run.history else {},
-        "modules": split,
-    }
-    atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+    with atomic_dir(out) as staging:
+        shutil.copytree(final, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.md", "training_args*", "alambic_*"))
+        weights = (staging / "model.safetensors").read_bytes()
+        manifest = {
+            "command": "python -m alambic.evaluate.lm_teacher " + " ".join(sys.argv[1:]),
+            "python": sys.version.split()[0], "seed": seed, "steps": steps, "lr": lr,
+            "batch_size": config.batch_size, "max_length": config.max_length, "vocab_size": config.vocab_size,
+            "size": config.teacher.model_dump(), "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "final_eval": {k: v for k, v in run.history[-1].items() if k.startswith("eval_")} if run.history else {},
+            "modules": split,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

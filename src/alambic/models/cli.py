@@ -16,8 +16,6 @@ CE and KL to the teacher are printed and written to `init_report.json`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -27,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from alambic.config import ModelConfig, Strict, load_config
 from alambic.errors import ConfigError
-from alambic.output_paths import check_output_folder, make_folder, remove_created
+from alambic.output_paths import atomic_output_dir, check_output_folder
 
 Keep = int | float
 
@@ -182,8 +180,8 @@ def describe(model, tokenizer, evaluation, teacher, config: InitStudentConfig, d
     """Shape, parameters and held-out CE / KL to the teacher of one model."""
     from alambic.models.quantize import count_parameters
     from alambic.teachers.live import LiveTeacher
-    from alambic.training.evaluation import evaluate
-    from alambic.training.module import StudentModule
+    from alambic.evaluate.heldout import evaluate
+    from alambic.models.module import StudentModule
 
     vocab = len(tokenizer)
     source = LiveTeacher(teacher, vocab) if teacher is not None else None
@@ -227,24 +225,11 @@ def print_report(report: dict) -> None:
         console.print("[yellow]note:[/] the report is on the calibration text (no held-out rows were left)")
 
 
-def _prepare_output(config: InitStudentConfig, overwrite: bool) -> tuple[Path, Path]:
+def _check_output(config: InitStudentConfig, overwrite: bool) -> Path:
     output = check_output_folder(config.output_dir, "output_dir")
     if output.exists() and not overwrite:
         raise ConfigError(f"output_dir {str(output)!r} already exists", "pass --overwrite or choose another output_dir")
-    temporary = output.parent / f".tmp-{output.name}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    return output, temporary
-
-
-def _publish(temporary: Path, output: Path) -> None:
-    from alambic.training.checkpoint import fsync_dir
-
-    fsync_dir(temporary)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(temporary, output)
-    fsync_dir(output.parent)
+    return output
 
 
 def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
@@ -252,15 +237,13 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     from alambic.models import freeze, load_model, load_tokenizer
     from alambic.models.quantize import quantize_int8, save_int8, state_bytes
 
-    output, temporary = _prepare_output(config, overwrite)
+    output = _check_output(config, overwrite)
     device = _device(config.device)
     tokenizer = load_tokenizer(config.teacher, role="teacher")
     calibration, evaluation, on_calibration = load_texts(config, tokenizer)
     teacher = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     student = shrink(teacher, config, calibration, tokenizer, device)
-    created = []
-    try:
-        created = make_folder(temporary.parent)
+    with atomic_output_dir(output) as temporary:  # no empty parent folder is left behind on failure
         student.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         report = {"method": config.method, "output_dir": str(output), "teacher_model": config.teacher.model}
@@ -281,11 +264,6 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
         report["eval"] = {"source": config.data.eval or config.data.calibration, "rows": len(evaluation),
                           "on_calibration_text": on_calibration, "calibration_rows": len(calibration)}
         (temporary / "init_report.json").write_text(json.dumps(report, indent=2))
-        _publish(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        remove_created(created)
-        raise
     return report
 
 

@@ -24,12 +24,14 @@ from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.training.evaluation import evaluate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
 from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
+from alambic.training.nonfinite import NonFiniteGuard
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
+from alambic.training.run_lock import hold_run_folder
 from alambic.training.setup import build_models
 
 
@@ -57,6 +59,11 @@ def make_accelerator(config: DistillConfig, run_dir: Path) -> Accelerator:
 def run_distillation(
     config: DistillConfig, overwrite: bool = False, resume: bool = False, print_config: bool = False
 ) -> RunResult:
+    with hold_run_folder(config.train.output_dir):  # one run per folder, for the whole run (run_lock.py)
+        return _run_distillation(config, overwrite, resume, print_config)
+
+
+def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, print_config: bool) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
     checkpoint = inspect_run_dir(config, overwrite, resume)
@@ -93,6 +100,7 @@ def run_distillation(
     progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main)
     pad_id = tokenizer.pad_token_id
     last_eval: dict = {}
+    guard = NonFiniteGuard(config.train.nonfinite_skips, run_dir, accelerator)
     student.train()
     for step in range(start_step + 1, config.train.max_steps + 1):
         started = time.perf_counter()
@@ -118,6 +126,9 @@ def run_distillation(
         grad_norm = None
         if config.train.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), config.train.max_grad_norm))
+        if not guard.step_ok(step, totals["loss"], grad_norm, student):  # NaN/inf: skip, or stop (exit 3)
+            optimizer.zero_grad(set_to_none=True)
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -148,6 +159,11 @@ def run_distillation(
             accelerator.wait_for_everyone()
     progress.close()
 
+    if not last_eval and eval_data is not None:  # resumed with no step left: the export still gets its metrics
+        last_eval = evaluate(
+            accelerator.unwrap_model(student), teacher if setup.teacher_evaluable else None, eval_data,
+            config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
+        )
     accelerator.wait_for_everyone()
     history = _read_history(run_dir / "metrics.jsonl")
     if is_main:
@@ -220,7 +236,7 @@ def _truncate_history(path: Path, step: int, is_main: bool) -> None:
     if not is_main or not path.exists():
         return
     kept = [r for r in _read_history(path) if r.get("step", 0) <= step]
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 

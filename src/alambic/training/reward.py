@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from alambic.config import ModelConfig, Strict
 from alambic.data import IGNORE, collate, read_records
 from alambic.errors import ConfigError, DataError, ModelError
-from alambic.training.checkpoint import atomic_write_text
+from alambic.durable import atomic_dir, atomic_write_text
 
 
 class RewardData(Strict):
@@ -324,13 +324,7 @@ def run_reward_distillation(config: RewardConfig) -> dict:
 
 
 def _save(model, tokenizer, folder: Path, metrics: dict) -> None:
-    import os
-    import shutil
-
-    target, temporary = folder / "reward_model", folder / f".reward_model.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(temporary, target)
+    with atomic_dir(folder / "reward_model") as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
     atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))

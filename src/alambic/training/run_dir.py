@@ -13,7 +13,8 @@ import yaml
 
 from alambic.config import DistillConfig, dump_config
 from alambic.errors import ConfigError
-from alambic.training.checkpoint import atomic_write_text, latest_valid_checkpoint
+from alambic.durable import atomic_write_text
+from alambic.training.checkpoint import latest_valid_checkpoint
 from alambic.training.run_lock import clear_folder, folder_is_empty, remove_stale_temporaries
 
 # Keys that do not change what a run computes, so changing them is not "a different run".

@@ -19,7 +19,6 @@ from alambic.folder_lock import FolderLock
 from alambic.output_paths import check_output_folder, make_folder, remove_created
 
 LOCK_NAME = ".alambic-lock"
-TEMP_MARK = ".tmp-"
 
 
 def is_main_launch_rank() -> bool:
@@ -74,19 +73,31 @@ def clear_folder(folder: Path) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Temp files and folders of a killed earlier run (`.tmp-step-*`, `.tmp-final-*`, `.x.tmp-PID`).
+    """What a killed earlier run left mid-write: `.NAME.tmp-*` files and folders (durable.py) and
+    `.NAME.old-*` folders (the previous version, renamed aside while the new one went in).
 
-    Only called while holding the folder's lock, so no live writer owns them.
+    Only called while holding the folder's lock, so no live writer owns them. An `.old-` whose
+    NAME is missing was killed between the two renames: it is the last complete version and
+    goes back under its name.
     """
     removed = []
     for parent in (folder, folder / "checkpoints"):
         if not parent.is_dir():
             continue
-        for entry in parent.iterdir():
-            if entry.name.startswith(TEMP_MARK) or (entry.name.startswith(".") and TEMP_MARK in entry.name):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry)
+        for entry in sorted(parent.iterdir()):
+            name = entry.name
+            if not name.startswith("."):
+                continue
+            if ".old-" in name:
+                original = parent / name[1:name.rindex(".old-")]
+                if not original.exists():
+                    os.replace(entry, original)
+                    continue
+            elif ".tmp-" not in name:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed

@@ -9,7 +9,7 @@ from alambic.errors import ModelError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.live import LiveTeacher
 from alambic.training.modes import configure_modes
-from alambic.training.module import StudentModule
+from alambic.models.module import StudentModule
 
 
 @dataclass

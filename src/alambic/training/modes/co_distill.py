@@ -17,8 +17,6 @@ run_dir/peers/peer-<k>/ (safetensors + tokenizer).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,12 +24,12 @@ from torch import nn
 
 from alambic.config import ModelConfig
 from alambic.data import IGNORE
+from alambic.durable import atomic_dir
 from alambic.errors import ConfigError
 from alambic.models import check_tokenizers_compatible, load_model, load_tokenizer
 from alambic.teachers.base import SignalRequest, TeacherSignal
 from alambic.teachers.ensemble import mixture_logits
-from alambic.training.checkpoint import fsync_dir
-from alambic.training.module import StudentModule
+from alambic.models.module import StudentModule
 from alambic.training.objective import loss_options, student_module
 
 PEERS_KEY = "peers"
@@ -112,17 +110,10 @@ class SavePeers:
 
     def __call__(self, student_module_, run_dir) -> None:
         root = Path(run_dir) / "peers"
-        root.mkdir(parents=True, exist_ok=True)
         for index, peer in enumerate(student_module_.auxiliary[PEERS_KEY]):
-            final = root / f"peer-{index}"
-            temporary = root / f".tmp-peer-{index}-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            peer.model.save_pretrained(temporary, safe_serialization=True)
-            self.tokenizer.save_pretrained(temporary)
-            fsync_dir(temporary)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-        fsync_dir(root)
+            with atomic_dir(root / f"peer-{index}") as temporary:
+                peer.model.save_pretrained(temporary, safe_serialization=True)
+                self.tokenizer.save_pretrained(temporary)
 
 
 def _load_peer(path: str, index: int, setup, config) -> StudentModule:

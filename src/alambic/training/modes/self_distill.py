@@ -116,7 +116,7 @@ def load_checkpoint_teacher(path: str, setup, task: str) -> nn.Module:
         )
     from safetensors.torch import load_model as load_safetensors
 
-    from alambic.training.module import StudentModule
+    from alambic.models.module import StudentModule
 
     holder = StudentModule(copy.deepcopy(setup.student.model), setup.vocab_size)
     missing, _ = load_safetensors(holder, str(weights), strict=False)  # auxiliary modules are skipped
