@@ -59,10 +59,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except AlambicError as err:
-        err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
-        if err.hint:
-            err_console.print(f"[yellow]fix:[/] {err.hint}", highlight=False)
-        sys.exit(err.exit_code)
+        _report(err)
     except (typer.Exit, SystemExit) as done:
         code = getattr(done, "exit_code", getattr(done, "code", 0))
         sys.exit(code if code is not None else 0)
@@ -74,7 +71,23 @@ def main() -> None:
             sys.exit(err.exit_code)
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)
-        raise
+        from alambic.user_errors import translate
+
+        user_error = translate(err)  # an input problem that escaped its own check (user_errors.py)
+        if user_error is None:
+            raise
+        _report(user_error)
+
+
+def _report(err: AlambicError) -> None:
+    from rich.markup import escape
+
+    from alambic.redact import redact_text
+
+    err_console.print(f"[bold red]error:[/] {escape(redact_text(err.message))}", highlight=False)
+    if err.hint:
+        err_console.print(f"[yellow]fix:[/] {escape(redact_text(err.hint))}", highlight=False)
+    sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class ModelConfig(Strict):
     dtype: DType = "float32"
     trust_remote_code: bool = False
     num_labels: int | None = Field(None, ge=2, description="classes, for sequence classification")
+    allow_pickle_weights: bool = Field(False, description="load a folder that has only pickle weights (.bin)")
 
 
 class TeacherConfig(ModelConfig):
@@ -298,7 +299,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls:
 
 
 def dump_config(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, with credentials inside URLs masked (it is printed and saved)."""
+    from alambic.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(config.model_dump(mode="json")), sort_keys=False)
 
 
 def config_model_for(path: str | Path) -> type[BaseModel]:

@@ -30,6 +30,8 @@ from alambic.generate.recipes import Recipe, Rejection, build_recipe
 from alambic.generate.runner import Redactor, RequestRunner
 from alambic.generate.selfinstruct import InstructionPool, load_seeds
 from alambic.generate.summary import build_summary
+from alambic.output_paths import check_output_folder
+from alambic.redact import redact_text, url_secrets
 
 
 @dataclass
@@ -45,7 +47,8 @@ def backend_identity(config: GenerateConfig) -> dict:
     """What the cache fingerprint covers; computed without loading any model."""
     teacher = config.teacher
     if teacher.backend == "openai":
-        return {"backend": "openai", "model": teacher.model, "base_url": teacher.base_url.rstrip("/"),
+        # Credentials in the URL are not part of the identity and never reach the manifest.
+        return {"backend": "openai", "model": teacher.model, "base_url": redact_text(teacher.base_url.rstrip("/")),
                 "extra_body": teacher.extra_body}
     return {"backend": teacher.backend, "model": teacher.model, "dtype": teacher.dtype}
 
@@ -67,13 +70,18 @@ class GenerateRun:
             self.recipe.teacher_messages(record)
             self.recipe.student_prompt(record)
         example_filter = ExampleFilter(self.config.filters)  # reads evaluation sets: fail before any request
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.yaml", dump_config(self.config).encode())
-        cache = RequestCache(self.run_dir / "cache", self.identity, self.params,
-                             replace_foreign=self.new_cache)
+        check_output_folder(self.run_dir, "output.dir")
+        backend = make_backend(self.config.teacher, api_key)  # a missing local model fails here, before any write
         try:
-            backend = make_backend(self.config.teacher, api_key)
-            runner = RequestRunner(backend, cache, self.params, self.config.teacher.retry, Redactor(api_key),
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / "config.yaml", dump_config(self.config).encode())
+            cache = RequestCache(self.run_dir / "cache", self.identity, self.params, replace_foreign=self.new_cache)
+        except BaseException:
+            asyncio.run(backend.aclose())
+            raise
+        try:
+            redact = Redactor(api_key, *url_secrets(self.config.teacher.base_url))
+            runner = RequestRunner(backend, cache, self.params, self.config.teacher.retry, redact,
                                    show_progress=self.config.progress)
             records, jobs, pool = asyncio.run(self._collect(backend, runner, records))
             teacher_rows, examples, rejected = self._assemble(jobs, cache)

@@ -13,6 +13,7 @@ import yaml
 
 from alambic.config import DistillConfig, dump_config
 from alambic.errors import ConfigError
+from alambic.redact import redact_tree
 from alambic.durable import atomic_write_text
 from alambic.training.checkpoint import latest_valid_checkpoint
 from alambic.training.run_lock import clear_folder, folder_is_empty, remove_stale_temporaries
@@ -43,7 +44,7 @@ def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Pat
             "choose another train.output_dir, or pass --overwrite to delete its contents",
         )
     previous = yaml.safe_load(saved_config.read_text()) or {}
-    same = _comparable(previous) == _comparable(config.model_dump(mode="json"))
+    same = _comparable(previous) == _comparable(redact_tree(config.model_dump(mode="json")))  # as saved
     if not same and not resume:
         raise ConfigError(
             f"output folder {str(run_dir)!r} already holds a different run (its config.yaml differs)",
