@@ -64,12 +64,11 @@ def main() -> None:
         code = getattr(done, "exit_code", getattr(done, "code", 0))
         sys.exit(code if code is not None else 0)
     except Exception as err:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(err, click.ClickException):
+        click_errors, aborts = _click_classes()
+        if isinstance(err, click_errors):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, aborts):
             sys.exit(130)
         from alambic.user_errors import translate
 
@@ -77,6 +76,22 @@ def main() -> None:
         if user_error is None:
             raise
         _report(user_error)
+
+
+def _click_classes() -> tuple[tuple, tuple]:
+    """Usage errors and aborts, from click and from the copy of click that typer >= 0.20 ships."""
+    import click
+
+    errors, aborts = [click.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort
+    except ImportError:
+        pass
+    else:
+        errors.append(ClickException)
+        aborts.append(Abort)
+    return tuple(errors), tuple(aborts)
 
 
 def _report(err: AlambicError) -> None:

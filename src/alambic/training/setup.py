@@ -83,7 +83,7 @@ def build_models(config: DistillConfig, device) -> RunModels:
     elif teacher_cfg is not None and teacher_cfg.cache is not None:
         from alambic.teachers.cached import CachedTeacher
 
-        teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
+        teacher, name = CachedTeacher(teacher_cfg.cache, verify="all"), f"logit cache {teacher_cfg.cache}"
     elif record_teacher is not None:  # a top-k on the records' own tokens only: not evaluable on other text
         teacher, name = record_teacher, record_teacher.name
     student = StudentModule(student_model, vocab_size).to(device)
