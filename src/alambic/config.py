@@ -314,10 +314,19 @@ def config_model_for(path: str | Path) -> type[BaseModel]:
     """
     import importlib
 
-    for line in Path(path).read_text().splitlines()[:20]:
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[:20]:
         stripped = line.lstrip("# ").strip()
         if line.startswith("#") and stripped.startswith("schema:"):
             target = stripped.split(":", 1)[1].strip()
             module_name, _, class_name = target.partition(":")
-            return getattr(importlib.import_module(module_name), class_name)
+            try:
+                model = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError, ValueError, TypeError):
+                model = None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise ConfigError(
+                    f"config {str(path)!r} declares the schema {target!r}, which is not an alambic config class",
+                    "fix or remove the '# schema: module:Class' comment (e.g. alambic.generate.config:GenerateConfig)",
+                )
+            return model
     return DistillConfig
