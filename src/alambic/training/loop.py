@@ -30,6 +30,7 @@ from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.nonfinite import NonFiniteGuard
+from alambic.training.preflight import check_class_labels
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
 from alambic.training.run_lock import hold_run_folder
 from alambic.training.setup import build_models
@@ -77,6 +78,7 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
     setup = build_models(config, accelerator.device)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
+    check_class_labels(config, student, train_data, eval_data)  # before anything is written (preflight.py)
     teacher = setup.bind_teacher(train_data)
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
     if is_main:
