@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
+from alambic.config_base import Strict  # noqa: F401  (every command's schema imports it from here)
 from alambic.config_modes import (
     CoDistillConfig,
     CrossTokenizerConfig,
@@ -25,7 +26,7 @@ from alambic.config_modes import (
     SelfDistillConfig,
 )
 from alambic.errors import ConfigError
-from alambic.objectives import OBJECTIVES
+from alambic.objective_names import OBJECTIVES
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Task = Literal["causal_lm", "sequence_classification"]
@@ -42,13 +43,6 @@ def known_objective(value: str) -> str:
 
 
 Objective = Annotated[str, AfterValidator(known_objective)]
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    # Non-finite numbers (.inf, .nan) are refused everywhere: a NaN temperature trains a NaN model.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(Strict):

@@ -10,6 +10,7 @@ and which data. The loop itself never changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,13 +21,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
-from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.nonfinite import NonFiniteGuard
@@ -34,6 +35,7 @@ from alambic.training.preflight import check_class_labels
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
 from alambic.training.run_lock import hold_run_folder
 from alambic.training.setup import build_models
+from alambic.training.step_loss import loss_positions, loss_sums
 
 
 _DEBUG_STEP_SLEEP = float(os.environ.get("ALAMBIC_DEBUG_STEP_SLEEP", "0") or 0)
@@ -67,6 +69,7 @@ def run_distillation(
 def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, print_config: bool) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
+    check_compatible(config)
     checkpoint = inspect_run_dir(config, overwrite, resume)
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
@@ -118,7 +121,7 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
         for micro, batch in enumerate(batches):
             input_tokens += int(batch["attention_mask"].sum())
             last_micro = micro == len(batches) - 1
-            with accelerator.no_sync(student) if not last_micro else _nullcontext():
+            with accelerator.no_sync(student) if not last_micro else contextlib.nullcontext():
                 sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
                 # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
                 scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
@@ -188,14 +191,6 @@ def _count_across_ranks(accelerator, local_count: int) -> int:
         return int(local_count)
     total = accelerator.reduce(torch.tensor([float(local_count)], device=accelerator.device), reduction="sum")
     return int(total.item())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _due(step: int, every: int, last: int) -> bool:

@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 
 from alambic.config import DistillConfig, dump_config
+from alambic.durable import atomic_write_text
 from alambic.errors import ConfigError
 from alambic.redact import redact_tree
-from alambic.durable import atomic_write_text
 from alambic.training.checkpoint import latest_valid_checkpoint
 from alambic.training.run_lock import clear_folder, folder_is_empty, remove_stale_temporaries
 

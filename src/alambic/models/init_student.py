@@ -1,4 +1,4 @@
-"""`alambic init-student`: build a student from its teacher and report it before any training.
+"""Build a student from its teacher and report it before any training (the library of `alambic init-student`).
 
 Depth: keep a list of layers, every k-th layer, or a uniform selection
 (`method: select`), or average adjacent layers (`method: average`). Width
@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 import torch
-import typer
 from pydantic import Field, field_validator, model_validator
 
-from alambic.config import ModelConfig, Strict, load_config
+from alambic.config import ModelConfig, Strict
 from alambic.errors import ConfigError
 from alambic.output_paths import atomic_output_dir, check_output_folder
 
@@ -265,17 +264,3 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
                           "on_calibration_text": on_calibration, "calibration_rows": len(calibration)}
         (temporary / "init_report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("init-student")
-    def init_student_command(
-        config: str = typer.Argument(..., help="YAML config (schema: alambic.models.cli:InitStudentConfig)"),
-        overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides, e.g. num_layers=1"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace output_dir if it exists"),
-    ) -> None:
-        """Build a student from the teacher (layer selection, width pruning, averaging) and report it."""
-        resolved = load_config(config, overrides or [], InitStudentConfig)
-        report = init_student(resolved, overwrite=overwrite)
-        print_report(report)
-        typer.echo(f"student saved to {report['output_dir']} (report: init_report.json)")
