@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers_generate import free_port, run_cli, write_jsonl
+from helpers_generate import free_port, invoke_cli, write_jsonl
 
 SECRET = "pw-0a1b2c3d4e5f-TOPSECRET"
 FAST_RETRY = {"max_attempts": 2, "base_delay_s": 0.01, "max_delay_s": 0.02}
@@ -26,7 +26,7 @@ def test_url_credentials_are_not_stored_or_shown(scripted_server, config_from, t
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(3)])
     config = config_from("generate_answer.yaml", teacher={"base_url": _with_credentials(server.base_url)},
                          input={"path": str(inputs)})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "cache" / "manifest.json").exists()
@@ -39,7 +39,7 @@ def test_url_credentials_are_not_in_errors(config_from, tmp_path, capsys):
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q"}])
     config = config_from("generate_answer.yaml", teacher={"base_url": url, "retry": FAST_RETRY},
                          input={"path": str(inputs)})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     captured = capsys.readouterr()
     assert "cannot reach the teacher" in captured.err and "***@127.0.0.1" in captured.err
     assert SECRET not in captured.out + captured.err
