@@ -92,7 +92,7 @@ def test_non_finite_weights_are_never_exported(tmp_path, tiny_setup):
     from alambic.models.module import StudentModule
     from alambic.models import load_model
     from alambic.config import ModelConfig
-    from alambic.training.nonfinite import NonFiniteError, check_finite_weights
+    from alambic.training.finite import NonFiniteError, check_finite_weights
 
     model = load_model(ModelConfig(model=str(tiny_setup["student_init"])), "causal_lm", role="student")
     check_finite_weights(model, "test")

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from alambic.durable import atomic_dir
+from alambic.training.finite import check_finite_weights
 
 CHECKPOINT_PREFIX = "step-"
 CHECKSUMS = "checksums.json"
@@ -63,8 +64,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, step: int, module, optimizer, scheduler, extra: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically and prune all but the last `keep_last`."""
-    from alambic.training.nonfinite import check_finite_weights
-
     check_finite_weights(module, f"checkpoint at step {step}")  # a non-finite model is never saved as "good"
     final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
     # Re-saving a step after a resume replaces it whole.

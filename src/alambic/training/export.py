@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alambic.config import DistillConfig
 from alambic.durable import atomic_dir
-from alambic.training.nonfinite import check_finite_weights
+from alambic.training.finite import check_finite_weights
 
 
 def model_card(config: DistillConfig, teacher_name: str | None, metrics: dict, parameters: int) -> str:
@@ -50,7 +50,7 @@ The full resolved configuration is in `config.yaml` next to this folder.
 def export_student(student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name) -> Path:
     """Write run_dir/final atomically (temp folder, then rename)."""
     model = student_module.model
-    check_finite_weights(model, "final export")  # never a NaN model on disk (training/nonfinite.py)
+    check_finite_weights(model, "final export")  # never a NaN model on disk (training/finite.py)
     with atomic_dir(Path(run_dir) / "final") as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)

@@ -16,33 +16,13 @@ from pathlib import Path
 
 import torch
 
-from alambic.errors import AlambicError
-
-EXIT_NONFINITE = 3
-HINT = (
-    "lower train.lr, check loss.temperature and the data; to ride out rare bad batches, set "
-    "train.nonfinite_skips=K; the run resumes from its last checkpoint when started again"
-)
-
-
-class NonFiniteError(AlambicError):
-    """Training produced NaN/inf: not the user's typo, but the run cannot go on (exit code 3)."""
-
-    exit_code = EXIT_NONFINITE
+from alambic.training.checkpoint import list_checkpoints
+from alambic.training.finite import HINT, NonFiniteError, check_finite_weights  # noqa: F401  (re-exported)
 
 
 def _last_checkpoint(run_dir: Path) -> str:
-    from alambic.training.checkpoint import list_checkpoints
-
     checkpoints = list_checkpoints(run_dir)
     return f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved"
-
-
-def check_finite_weights(module: torch.nn.Module, what: str) -> None:
-    """Refuse to write `what` from weights holding NaN or inf."""
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"the model's weights are not finite (e.g. {name}): the {what} is not written", HINT)
 
 
 def _grads_finite(parameters) -> bool:
