@@ -19,7 +19,8 @@ from alambic.training.checkpoint import latest_valid_checkpoint
 from alambic.training.run_lock import clear_folder, folder_is_empty, remove_stale_temporaries
 
 # Keys that do not change what a run computes, so changing them is not "a different run".
-COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers")}
+COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers"),
+                 ("train", "nonfinite_skips")}
 
 
 def _comparable(config_dict: dict) -> dict:
