@@ -293,3 +293,20 @@ def test_a_corrupted_logit_cache_is_found_before_the_run_folder_is_written(capsy
     code, _, err = invoke(capsys, "distill", path, "teacher.model=null", f"teacher.cache={tmp_path / 'cache'}")
     assert code == 2 and "corrupted" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_stopped_before_its_first_step_does_not_block_the_corrected_rerun(capsys, tmp_path, tiny_setup):
+    config = kd_config(tiny_setup, tmp_path / "run", max_steps=2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(write_config(tmp_path / "old.yaml", {
+        **config, "loss": {**config["loss"], "temperature": 3.0}}).read_text())
+    code, _, err = _distill(capsys, tmp_path, "corrected", config)
+    assert code == 0, err
+    assert (tmp_path / "run" / "final").is_dir()
+    # A folder holding a user's own config.yaml (not a run) is never taken over.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("my: settings\n")
+    config["train"]["output_dir"] = str(tmp_path / "mine")
+    code, _, err = _distill(capsys, tmp_path, "mine", config)
+    assert code == 2 and "differentrun" in err, err
+    assert (tmp_path / "mine" / "config.yaml").read_text() == "my: settings\n"

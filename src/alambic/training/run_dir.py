@@ -30,6 +30,14 @@ def _comparable(config_dict: dict) -> dict:
     return copy
 
 
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"student", "data", "train"} <= set(saved)
+
+
 def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
     """Decide, without writing anything, whether the run may use its folder.
 
@@ -38,6 +46,8 @@ def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Pat
     run_dir = Path(config.train.output_dir)
     if overwrite or folder_is_empty(run_dir):
         return None
+    if folder_is_empty(run_dir, ignore=("config.yaml",)) and _is_run_config(run_dir / "config.yaml"):
+        return None  # only the config of a run that stopped before its first step: nothing to keep
     saved_config = run_dir / "config.yaml"
     if not saved_config.exists():
         raise ConfigError(

@@ -59,8 +59,9 @@ def _entries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name != LOCK_NAME] if folder.is_dir() else []
 
 
-def folder_is_empty(folder: Path) -> bool:
-    return not folder.exists() or not _entries(folder)
+def folder_is_empty(folder: Path, ignore: tuple[str, ...] = ()) -> bool:
+    """Nothing in it but the lock (and the `ignore` names)."""
+    return not folder.exists() or all(p.name in ignore for p in _entries(folder))
 
 
 def clear_folder(folder: Path) -> None:
