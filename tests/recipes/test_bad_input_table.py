@@ -152,6 +152,8 @@ CASES = [
     ("demo-bogus-objective", ["demo", "--quick", "objective=bogus", "output_dir={run}"], ["unknown objective"]),
     ("demo-student-layer-99", ["demo", "--quick", "student_layers=[99]", "output_dir={run}"], ["student_layers"]),
     ("demo-inf-temperature", ["demo", "--quick", "temperature=.inf", "output_dir={run}"], ["temperature", "finite"]),
+    # 3. errors found only when the work starts leave nothing behind either
+    ("generate-unreachable-server", ["generate", "{generate}"], ["cannot reach the teacher", "127.0.0.1:9"]),
     ("generate-url-not-a-url", ["generate", "{generate}", "teacher.base_url=not-a-url"], ["base_url"]),
     # 2. bad values in data and options
     ("distill-null-text", ["distill", "{kd}", "data.train={null_text}"], ["null.jsonl", "null"]),
