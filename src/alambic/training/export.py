@@ -56,6 +56,7 @@ def export_student(student_module, tokenizer, config: DistillConfig, run_dir: Pa
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         parameters = sum(p.numel() for p in model.parameters())
-        (temporary / "README.md").write_text(redact_text(model_card(config, teacher_name, metrics, parameters)))  # no URL credentials
+        card = model_card(config, teacher_name, metrics, parameters)
+        (temporary / "README.md").write_text(redact_text(card))  # e.g. a served teacher's URL: no credentials
         (temporary / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(run_dir) / "final"
