@@ -23,6 +23,8 @@ from pathlib import Path
 
 from alambic.errors import ConfigError
 
+RUN_LOCK_NAME = ".alambic-lock"  # the lock file `alambic distill` keeps in its run folder
+
 
 def _holder_info() -> dict:
     return {

@@ -15,10 +15,10 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from alambic.folder_lock import FolderLock
+from alambic.folder_lock import RUN_LOCK_NAME, FolderLock
 from alambic.output_paths import check_output_folder, make_folder, remove_created
 
-LOCK_NAME = ".alambic-lock"
+LOCK_NAME = RUN_LOCK_NAME
 
 
 def is_main_launch_rank() -> bool:
