@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from alambic.config_base import Strict  # noqa: F401  (every command's schema imports it from here)
 from alambic.config_modes import (
@@ -32,6 +32,19 @@ from alambic.objective_names import OBJECTIVES
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Task = Literal["causal_lm", "sequence_classification"]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # Adam's betas: in [0, 1)
+
+
+def known_objective(value: str) -> str:
+    """A pydantic validator body: the objective must be one alambic implements."""
+    if value not in OBJECTIVES:
+        close = difflib.get_close_matches(value, OBJECTIVES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
+    return value
+
+
+Objective = Annotated[str, AfterValidator(known_objective)]
 
 
 class ModelConfig(Strict):
@@ -40,6 +53,7 @@ class ModelConfig(Strict):
     dtype: DType = "float32"
     trust_remote_code: bool = False
     num_labels: int | None = Field(None, ge=2, description="classes, for sequence classification")
+    allow_pickle_weights: bool = Field(False, description="load a folder that has only pickle weights (.bin)")
 
 
 class TeacherConfig(ModelConfig):
@@ -119,11 +133,7 @@ class LossConfig(Strict):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
-        if value not in OBJECTIVES:
-            close = difflib.get_close_matches(value, OBJECTIVES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
-        return value
+        return known_objective(value)
 
 
 class TrainConfig(Strict):
@@ -131,7 +141,7 @@ class TrainConfig(Strict):
     seed: int = 0
     lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(100, ge=1)
@@ -149,6 +159,9 @@ class TrainConfig(Strict):
     progress: bool = True
     strategy: Strategy = Field("ddp", description="ddp: a full replica per process; fsdp: sharded (docs/scale.md)")
     fsdp: FSDPConfig = FSDPConfig()
+    nonfinite_skips: int = Field(
+        0, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops (exit 3)"
+    )
 
 
 class DistillConfig(Strict):
@@ -193,6 +206,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
                 "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
             )
         key, raw = item.split("=", 1)
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(
+                f"override {item!r} has no key (or an empty part in it) before '='",
+                "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
+            )
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -259,7 +277,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist", "check the path, e.g. configs/tiny_kd.yaml")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config {str(path)!r} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})",
+            "save the config as UTF-8 YAML (a binary or latin-1 file cannot be read)",
+        ) from None
     except OSError as err:
         raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror}", "check the file's permissions")
     try:
@@ -287,7 +310,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls:
 
 
 def dump_config(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, with credentials inside URLs masked (it is printed and saved)."""
+    from alambic.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(config.model_dump(mode="json")), sort_keys=False)
 
 
 def config_model_for(path: str | Path) -> type[BaseModel]:
@@ -299,10 +325,19 @@ def config_model_for(path: str | Path) -> type[BaseModel]:
     """
     import importlib
 
-    for line in Path(path).read_text().splitlines()[:20]:
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[:20]:
         stripped = line.lstrip("# ").strip()
         if line.startswith("#") and stripped.startswith("schema:"):
             target = stripped.split(":", 1)[1].strip()
             module_name, _, class_name = target.partition(":")
-            return getattr(importlib.import_module(module_name), class_name)
+            try:
+                model = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError, ValueError, TypeError):
+                model = None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise ConfigError(
+                    f"config {str(path)!r} declares the schema {target!r}, which is not an alambic config class",
+                    "fix or remove the '# schema: module:Class' comment (e.g. alambic.generate.config:GenerateConfig)",
+                )
+            return model
     return DistillConfig

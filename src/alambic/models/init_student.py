@@ -23,8 +23,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from alambic.config import ModelConfig, Strict
-from alambic.durable import atomic_dir
 from alambic.errors import ConfigError
+from alambic.output_paths import atomic_output_dir, check_output_folder
 
 Keep = int | float
 
@@ -225,7 +225,7 @@ def print_report(report: dict) -> None:
 
 
 def _check_output(config: InitStudentConfig, overwrite: bool) -> Path:
-    output = Path(config.output_dir)
+    output = check_output_folder(config.output_dir, "output_dir")
     if output.exists() and not overwrite:
         raise ConfigError(f"output_dir {str(output)!r} already exists", "pass --overwrite or choose another output_dir")
     return output
@@ -242,7 +242,7 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     calibration, evaluation, on_calibration = load_texts(config, tokenizer)
     teacher = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     student = shrink(teacher, config, calibration, tokenizer, device)
-    with atomic_dir(output) as temporary:
+    with atomic_output_dir(output) as temporary:  # no empty parent folder is left behind on failure
         student.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         report = {"method": config.method, "output_dir": str(output), "teacher_model": config.teacher.model}

@@ -26,6 +26,12 @@ class HFTeacher:
         self.config = config
         self.batch_size = config.batch_size
         self.max_in_flight = 1  # concurrent generate calls on one model only compete for the same device
+        from pathlib import Path
+
+        from alambic.models.loading import check_weight_files
+
+        if Path(config.model).is_dir():
+            check_weight_files(Path(config.model), "teacher")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
             dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
