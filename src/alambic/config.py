@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alambic.config_extras import InterchangeConfig, QuantizationConfig
 from alambic.config_modes import (
     CoDistillConfig,
     CrossTokenizerConfig,
@@ -156,6 +157,8 @@ class DistillConfig(Strict):
     self_distill: SelfDistillConfig | None = None
     co_distill: CoDistillConfig | None = None
     cross_tokenizer: CrossTokenizerConfig | None = None
+    interchange: InterchangeConfig | None = None  # counterfactual (interchange-intervention) distillation
+    quantization: QuantizationConfig | None = None  # quantization-aware distillation + compressed-tensors export
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-MODE_MODULES = ("ensemble", "self_distill", "co_distill", "cross_tokenizer", "representation", "rollouts")
+MODE_MODULES = (
+    "ensemble", "self_distill", "co_distill", "cross_tokenizer", "representation", "interchange", "rollouts",
+    "quantization",  # last: fake-quantizes the student after every mode has set it up
+)
 
 
 def configure_modes(setup, config) -> None:
