@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "alambic.generate.cli",  # generate, train-classifier
     "alambic.evaluate.cli",  # eval, report, demo
     "alambic.models.cli",  # init-student
+    "alambic.models.merge_cli",  # merge
     "alambic.training.progressive_cli",  # progressive
     "alambic.training.reward_cli",  # reward-distill
 )
