@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
 import shutil
 from pathlib import Path
@@ -131,18 +132,9 @@ def quantized_copy(model: nn.Module, bits: int, group_size: int | None, ignore=(
     return copied
 
 
-@contextlib.contextmanager
 def _quiet():
-    """compressed-tensors shows tqdm bars while it applies and compresses: not in our output."""
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+    """compressed-tensors draws tqdm bars (on stderr) while it applies and compresses: not in our output."""
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 @torch.no_grad()
