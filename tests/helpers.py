@@ -53,3 +53,16 @@ def invoke(capsys, *args):
         sys.argv = old_argv
     captured = capsys.readouterr()
     return code, captured.out, " ".join(captured.err.split())
+
+
+def expect_exit_2(capsys, tmp_path, mapping, *needles, command="distill", extra=(), fix=False):
+    """Run `alambic COMMAND CONFIG` in this process on `mapping`: exit code 2, every needle in stderr,
+    (with fix=True) a "fix:" hint, and no run folder `tmp_path / "run"` left behind. Returns stderr."""
+    code, _, err = invoke(capsys, command, write_config(tmp_path / "c.yaml", mapping), *extra)
+    assert code == 2, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    if fix:
+        assert "fix:" in err, err
+    assert not (tmp_path / "run").exists(), "a failed run left a folder behind"
+    return err

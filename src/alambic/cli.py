@@ -32,11 +32,12 @@ COMMAND_MODULES = (
     "alambic.training.cli",  # distill, validate
     "alambic.cache.cli",  # cache-logits
     "alambic.generate.cli",  # generate, train-classifier
-    "alambic.evaluate.cli",  # eval, report, demo
-    "alambic.models.cli",  # init-student
+    "alambic.evaluate.cli",  # eval, report
+    "alambic.demos.cli",  # demo
+    "alambic.models.init_student_cli",  # init-student
     "alambic.models.merge_cli",  # merge
     "alambic.training.progressive_cli",  # progressive
-    "alambic.training.reward_cli",  # reward-distill
+    "alambic.reward.cli",  # reward-distill
 )
 
 

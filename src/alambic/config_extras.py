@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from alambic.config_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class InterchangeConfig(_Strict):
+class InterchangeConfig(Strict):
     """Causal (interchange-intervention) distillation, Wu et al. 2022.
 
     For each base row a source row of the same batch is chosen; the activations of an
@@ -54,7 +52,7 @@ class InterchangeConfig(_Strict):
         return value
 
 
-class QuantizationConfig(_Strict):
+class QuantizationConfig(Strict):
     """Quantization-aware distillation: weight-only fake quantization while training, and an
     export in the compressed-tensors format that `from_pretrained` and vLLM load."""
 

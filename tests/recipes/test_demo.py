@@ -12,7 +12,7 @@ import pytest
 
 import alambic.cli
 from alambic.errors import AlambicError
-from alambic.evaluate import demo as demo_module
+from alambic.demos import demo as demo_module
 
 REQUIRED_CLASSIFIER_METRICS = ("accuracy", "macro_f1", "agreement", "ece", "latency_ms", "throughput_per_s",
                                "num_parameters", "disk_mb", "peak_memory_mb")

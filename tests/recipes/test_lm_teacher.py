@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from alambic.evaluate.lm_teacher import SHIPPED, load_manifest, read_modules, stdlib_split
+from alambic.demos.lm_assets import SHIPPED, load_manifest, read_modules, stdlib_split
 from test_demo import call_main, run_cli
 
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
     loaded = load_manifest(SHIPPED)
-    assert loaded is not None, f"no manifest in {SHIPPED}: run python -m alambic.evaluate.lm_teacher"
+    assert loaded is not None, f"no manifest in {SHIPPED}: run python -m alambic.demos.lm_teacher"
     return loaded
 
 
@@ -82,8 +82,8 @@ def test_layers_the_teacher_lacks_exit_2_before_anything_is_written(tmp_path, mo
     assert not folder.exists()
 
 
-@pytest.mark.parametrize("path, model", [("configs/demo_lm.yaml", "alambic.evaluate.lm_demo:LMDemoConfig"),
-                                         ("configs/demo_bbc.yaml", "alambic.evaluate.demo:DemoConfig")])
+@pytest.mark.parametrize("path, model", [("configs/demo_lm.yaml", "alambic.demos.lm_demo:LMDemoConfig"),
+                                         ("configs/demo_bbc.yaml", "alambic.demos.demo:DemoConfig")])
 def test_demo_configs_spell_out_the_defaults(path, model):
     # Their headers say "its defaults": a changed default must be changed there too.
     import importlib

@@ -63,4 +63,4 @@ def test_mismatched_models_exit_2_and_write_nothing(micro, tmp_path, capsys):
     code, _, err = invoke(capsys, "merge", micro["student"], micro["peer"], micro["student"], "--method", "slerp",
                           "--output", out)
     assert code == 2 and "exactly two" in err and not out.exists()
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from alambic.config import DistillConfig
 from alambic.errors import ConfigError
 from alambic.training.loop import run_distillation
-from alambic.training.objective import loss_sums
-from helpers import invoke, write_config
+from alambic.training.step_loss import StepOutputs, loss_sums
+from helpers import expect_exit_2, invoke, write_config
 from modes_micro import build_micro, build_setup, first_batch, micro_config
 
 SECTION = {"layer_map": {0: 0}, "weight": 1.0, "num_positions": 3, "pairing": "shuffle"}
@@ -79,7 +79,7 @@ def test_interchange_term_equals_a_hand_built_hook_swap(micro, tmp_path):
 
     # The gradient of the term reaches the student the same way as through the hand-built swap.
     setup.student.zero_grad()
-    term_only = term(setup.student, _with_outputs(setup, batch), setup.teacher)["loss"]
+    term_only = term(_step(setup, config, batch))["loss"]
     term_only.backward()
     got = setup.student.model.model.layers[0].mlp.up_proj.weight.grad.clone()
     setup.student.zero_grad()
@@ -88,14 +88,13 @@ def test_interchange_term_equals_a_hand_built_hook_swap(micro, tmp_path):
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-6)
 
 
-def _with_outputs(setup, batch):
+def _step(setup, config, batch):
+    from alambic.losses.options import LossOptions
     from alambic.teachers.base import SignalRequest
 
-    batch = dict(batch)
-    batch["_student_outputs"] = setup.student(batch["input_ids"], batch["attention_mask"], hidden_only=True,
-                                              output_hidden_states=True)
-    batch["_teacher_signal"] = setup.teacher(batch, SignalRequest(hidden_for_fused_head=True, hidden_states=True))
-    return batch
+    outputs = setup.student(batch["input_ids"], batch["attention_mask"], hidden_only=True, output_hidden_states=True)
+    signal = setup.teacher(batch, SignalRequest(hidden_for_fused_head=True, hidden_states=True))
+    return StepOutputs(setup.student, dict(batch), outputs, signal, LossOptions.from_config(config.loss), config.task)
 
 
 def test_the_hook_swap_agrees_with_pyvene(micro, tmp_path):
@@ -129,11 +128,11 @@ def test_identical_teacher_and_student_give_zero(micro, tmp_path):
     assert abs(float(sums["kd"])) < 1e-4
 
 
-def test_last_block_and_missing_teacher_are_refused_before_training(micro, tmp_path):
+def test_last_block_and_missing_teacher_are_refused_before_training(micro, tmp_path, capsys):
     with pytest.raises(ConfigError, match="last one cannot be intervened"):
         build_setup(micro_config(micro, tmp_path / "a", interchange={**SECTION, "layer_map": {1: 0}}))
-    with pytest.raises(ConfigError, match="live teacher"):
-        build_setup(micro_config(micro, tmp_path / "b", teacher=None, interchange=SECTION))
+    expect_exit_2(capsys, tmp_path, micro_config(micro, tmp_path / "run", teacher=None, interchange=SECTION),
+                  "interchange cannot be used with no teacher.model", fix=True)
 
 
 def test_a_run_with_the_interchange_term_trains_and_exports(micro, tmp_path, capsys):

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from alambic.errors import AlambicError, DataError
-from alambic.training.checkpoint import atomic_write_text
+from alambic.durable import atomic_write_text
 
 # key -> (label shown to the reader, how to format the value)
 METRIC_LABELS: dict[str, tuple[str, str]] = {

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 Objective = Literal[
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "cosine"
 ]
-from alambic.objectives import OBJECTIVES  # noqa: E402  (re-exported)
+from alambic.objective_names import OBJECTIVES  # noqa: E402  (re-exported)
 
 
 def _kl_from_logprobs(target_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alambic.config import Strict
+from alambic.config_base import Strict
+from alambic.durable import atomic_dir
 from alambic.errors import ConfigError, ModelError
 
 INSTALL_HINT = "pip install 'alambic[merge]' (mergekit)"
@@ -143,7 +142,7 @@ def mergekit_config(config: MergeConfig, folders: list[Path], base: Path | None)
 
 
 def merge_models(config: MergeConfig, overwrite: bool = False) -> Path:
-    """Check, merge with mergekit into a temporary sibling folder, then rename it to `config.output`."""
+    """Check, merge with mergekit into a temporary sibling folder, then publish it as `config.output`."""
     output = Path(config.output)
     if output.exists() and not overwrite:
         raise ConfigError(f"output folder {output} already exists", "pass --overwrite or choose another output")
@@ -155,23 +154,14 @@ def merge_models(config: MergeConfig, overwrite: bool = False) -> Path:
         from mergekit.merge import MergeOptions, run_merge
     except ImportError:
         raise ConfigError("alambic merge needs the mergekit package", INSTALL_HINT) from None
-    temporary = output.parent / f".tmp-{output.name}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
-    previous, verbosity = os.environ.get("TQDM_DISABLE"), hf_logging.get_verbosity()
-    os.environ["TQDM_DISABLE"] = "1"
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # mergekit passes transformers a deprecated argument
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with atomic_dir(output) as temporary, contextlib.redirect_stdout(io.StringIO()):
             run_merge(MergeConfiguration.model_validate(mergekit_config(config, folders, base)), str(temporary),
                       options=MergeOptions(copy_tokenizer=True, lazy_unpickle=False, quiet=True, device="cpu"))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(temporary, output)
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
         hf_logging.set_verbosity(verbosity)
-        os.environ.pop("TQDM_DISABLE") if previous is None else os.environ.__setitem__("TQDM_DISABLE", previous)
     return output

@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alambic.durable import atomic_dir
 from alambic.errors import ConfigError, ModelError
 
 INSTALL_HINT = "pip install 'alambic[quant]' (compressed-tensors)"
@@ -161,28 +160,12 @@ def export_compressed(model: nn.Module, folder: str | Path, bits: int, group_siz
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
         compressor.compress_model(model)
 
-        def write(temporary: Path) -> None:
+        with atomic_dir(folder) as temporary:
             model.save_pretrained(temporary)
             compressor.update_config(str(temporary))
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
-
-        return write_folder(Path(folder), write)
-
-
-def write_folder(final: Path, write) -> Path:
-    """Run write(temporary sibling folder), then rename it to `final` (replacing it)."""
-    temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write(temporary)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return final
+    return Path(folder)
 
 
 def folder_bytes(folder: str | Path) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
-import os
 
+from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config, load_config
 
 
@@ -36,5 +37,7 @@ def register(app: typer.Typer) -> None:
 
         read_yaml(config)  # missing / unreadable file: a clear error before the schema lookup
         resolved = load_config(config, overrides or [], config_model_for(config))
+        if isinstance(resolved, DistillConfig):
+            check_compatible(resolved)  # modes and features that cannot be combined, before anything loads
         typer.echo(dump_config(resolved))
         typer.echo(f"{config}: valid")

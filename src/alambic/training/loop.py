@@ -20,13 +20,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.training.evaluation import evaluate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
-from alambic.training.objective import loss_positions, loss_sums
+from alambic.training.step_loss import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
@@ -59,6 +60,7 @@ def run_distillation(
 ) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
+    check_compatible(config)
     checkpoint = inspect_run_dir(config, overwrite, resume)
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
@@ -220,7 +222,7 @@ def _truncate_history(path: Path, step: int, is_main: bool) -> None:
     if not is_main or not path.exists():
         return
     kept = [r for r in _read_history(path) if r.get("step", 0) <= step]
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -29,16 +29,16 @@ from alambic.models.interventions import (
     gather_positions,
     model_inputs,
 )
-from alambic.training.objective import loss_options, student_module
 
 
 class InterchangeTerm:
     """The extra loss term: weight x divergence(teacher_cf || student_cf) summed over affected positions."""
 
+    name = "interchange"
     needs = {"student_hidden_states", "teacher_hidden_states"}
 
-    def __init__(self, cfg, loss_cfg, seed: int, student_swaps: dict, teacher_swaps: dict, teacher_model, vocab):
-        self.cfg, self.loss_cfg, self.seed = cfg, loss_cfg, seed
+    def __init__(self, cfg, chunk_size: int, seed: int, student_swaps: dict, teacher_swaps: dict, teacher_model, vocab):
+        self.cfg, self.chunk_size, self.seed = cfg, chunk_size, seed
         self.pairs = sorted(cfg.layer_map.items())
         self.student_swaps, self.teacher_swaps = student_swaps, teacher_swaps
         self.teacher_model, self.vocab = teacher_model, vocab
@@ -57,8 +57,8 @@ class InterchangeTerm:
         positions = choose_positions(mask & mask[sources], self.cfg.positions, self.cfg.num_positions, generator)
         return pair[0], pair[1], sources, positions
 
-    def __call__(self, student, batch: dict, teacher) -> dict:
-        outputs, signal = batch["_student_outputs"], batch["_teacher_signal"]
+    def __call__(self, step) -> dict:
+        batch, outputs, signal = step.batch, step.outputs, step.signal
         student_layer, teacher_layer, sources, positions = self.plan(batch, self._generator(batch))
         if positions is None:
             zero = outputs["hidden_states"][0].sum() * 0.0
@@ -71,35 +71,29 @@ class InterchangeTerm:
         with torch.no_grad():
             teacher_source = gather_positions(signal.hidden_states[teacher_layer + 1][sources], positions)
             teacher_cf = self.teacher_swaps[teacher_layer](inputs, positions, teacher_source)
-        value = self.divergence(student, student_cf, teacher_cf, batch["labels"], positions)
+        value = self.divergence(step, student_cf, teacher_cf, positions)
         return {"loss": self.cfg.weight * value, "interchange": value.detach()}
 
-    def divergence(self, student, student_cf, teacher_cf, labels, positions) -> torch.Tensor:
+    def divergence(self, step, student_cf, teacher_cf, positions) -> torch.Tensor:
+        """The run's divergence (its objective and temperature, no CE) of the counterfactual distributions."""
         from alambic.losses.fused import fused_distillation_loss
 
+        labels = step.batch["labels"]
         mask = affected_positions(labels, positions)
-        weight, bias = student_module(student).head_parameters()
+        weight, bias = step.module.head_parameters()
         teacher_head = self.teacher_model.get_output_embeddings()
-        options = {**loss_options(self.loss_cfg), "alpha": 0.0}
+        options = step.options.replace(alpha=0.0).kwargs()
         result = fused_distillation_loss(
             student_cf[:, :-1][mask], weight, bias, labels[:, 1:][mask], None,
             teacher_hidden=teacher_cf[:, :-1][mask], teacher_head_weight=teacher_head.weight[: self.vocab],
             teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias[: self.vocab],
-            chunk_size=self.loss_cfg.chunk_size, reduction="sum", **options,
+            chunk_size=self.chunk_size, reduction="sum", **options,
         )
         return result["loss"]
 
 
-def _check(setup, config) -> None:
-    if config.task != "causal_lm":
-        raise ConfigError("interchange distillation compares next-token distributions: it needs task causal_lm",
-                          "remove the interchange section, or set task: causal_lm")
-    if setup.teacher_model is None or config.cross_tokenizer is not None:
-        raise ConfigError(
-            "interchange distillation runs the teacher with swapped activations: it needs one live teacher model "
-            "sharing the student's tokenizer",
-            "set teacher.model to a model folder (not teacher.cache, teachers:, co_distill or cross_tokenizer)",
-        )
+def _check_heads(setup) -> None:
+    """Which teacher and task are checked by alambic.compat; here what only the loaded models show."""
     for role, model in (("student", setup.student.model), ("teacher", setup.teacher_model)):
         head = model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
@@ -123,12 +117,12 @@ def configure(setup, config) -> None:
     cfg = getattr(config, "interchange", None)
     if cfg is None:
         return
-    _check(setup, config)
+    _check_heads(setup)
     student_model, teacher_model = setup.student.model, setup.teacher_model
     _check_layers(cfg.layer_map, student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers)
     student_swaps = {i: LayerSwap(student_model.base_model, i) for i in set(cfg.layer_map)}
     teacher_swaps = {j: LayerSwap(teacher_model.base_model, j) for j in set(cfg.layer_map.values())}
     vocab = setup.vocab_size or teacher_model.get_output_embeddings().weight.shape[0]
     setup.extra_terms.append(
-        InterchangeTerm(cfg, config.loss, config.train.seed, student_swaps, teacher_swaps, teacher_model, vocab)
+        InterchangeTerm(cfg, config.loss.chunk_size, config.train.seed, student_swaps, teacher_swaps, teacher_model, vocab)
     )
