@@ -9,9 +9,9 @@ objective and temperature, on the positions the swap can affect (at or after the
 first swapped one). The term is added to the usual KD loss with `weight`.
 
 Source activations come from the forward passes the logit loss runs anyway
-(`needs`), so each step costs one extra intervened forward per model. The swap is
-done by pyvene (models/interventions.py); the loss is the fused LM-head loss on the
-counterfactual hidden states, so no N x V logits are materialised.
+(`needs`), so each step costs one extra intervened forward per model. The swap is a
+forward hook (models/interventions.py says why not pyvene); the loss is the fused
+LM-head loss on the counterfactual hidden states, so no N x V logits are materialised.
 
     alambic distill configs/interchange.yaml
 """
