@@ -95,7 +95,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        replace_section(RESULTS, "interchange", text)
+        replace_section(RESULTS, f"interchange-{args.steps}", text)
 
 
 if __name__ == "__main__":

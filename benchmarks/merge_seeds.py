@@ -61,7 +61,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        replace_section(RESULTS, "merge-seeds", text)
+        replace_section(RESULTS, f"merge-seeds-{args.steps}", text)
 
 
 if __name__ == "__main__":

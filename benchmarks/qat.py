@@ -81,7 +81,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        replace_section(RESULTS, f"qat-{scheme}", text)
+        replace_section(RESULTS, f"qat-{scheme}-{args.steps}", text)
 
 
 if __name__ == "__main__":
