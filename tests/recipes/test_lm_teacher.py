@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from alambic.demos.lm_assets import SHIPPED, load_manifest, read_modules, stdlib_split
-from test_demo import call_main, run_cli
+from helpers import run_cli_subprocess
+from test_demo import call_main
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_shipped_teacher_has_learned_python(manifest):
 @pytest.mark.slow
 def test_quick_lm_demo_on_the_shipped_teacher_holds_out_unseen_modules(tmp_path, manifest):
     folder = tmp_path / "lm"
-    result = run_cli("demo", "--task", "lm", "--quick", f"output_dir={folder}", "teacher_source=shipped",
+    result = run_cli_subprocess("demo", "--task", "lm", "--quick", f"output_dir={folder}", "teacher_source=shipped",
                      "student_layers=[2]")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     heldout = [json.loads(line)["text"] for line in (folder / "data" / "heldout.jsonl").read_text().splitlines()]

@@ -7,10 +7,10 @@ import torch
 
 from alambic.config import DistillConfig
 from alambic.losses import per_token_distillation_loss
+from alambic.losses.options import LossOptions
 from alambic.teachers.base import SignalRequest
 from alambic.teachers.ensemble import confidence_weights, dense_logprobs_from_topk, mixture_logits
 from alambic.training.loop import run_distillation
-from alambic.losses.options import LossOptions
 from alambic.training.step_loss import per_token_loss, shift_signal
 from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, first_batch, micro_config

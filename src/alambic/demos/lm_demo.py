@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 
 from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
 from alambic.demos.bbc import write_jsonl
-from alambic.errors import ConfigError
 from alambic.demos.demo import MARKER, StageClock, console, prepare_output
+from alambic.errors import ConfigError
 
 
 class LMSize(Strict):

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alambic.config import dump_config
+from alambic.durable import atomic_write_bytes
 from alambic.generate.backends import make_backend
 from alambic.generate.backends.base import TeacherRequest
 from alambic.generate.backends.openai_backend import read_api_key
-from alambic.durable import atomic_write_bytes
 from alambic.generate.cache import RequestCache, request_key
 from alambic.generate.config import GenerateConfig
 from alambic.generate.filters import Example, ExampleFilter

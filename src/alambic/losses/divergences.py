@@ -127,8 +127,9 @@ def token_divergence(
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"student has {student_logits.shape[-1]} logits per position and the teacher "
-            f"{teacher_logits.shape[-1]}: trim padded vocabulary rows first "
-            "(alambic.losses.align_vocab) or use a cross-tokenizer objective"
+            f"{teacher_logits.shape[-1]}: trim both to the tokenizer's vocabulary first (StudentModule and "
+            "LiveTeacher take vocab_size; see alambic.models.check_tokenizers_compatible), or, for two "
+            "different tokenizers, use the cross_tokenizer mode"
         )
     if top_k is not None:
         student_logits, teacher_logits = restrict_to_teacher_top_k(

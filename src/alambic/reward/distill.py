@@ -42,8 +42,8 @@ from pydantic import Field, model_validator
 
 from alambic.config import ModelConfig, Strict
 from alambic.data import IGNORE, collate, read_records
-from alambic.errors import ConfigError, DataError, ModelError
 from alambic.durable import atomic_dir, atomic_write_text
+from alambic.errors import ConfigError, DataError, ModelError
 
 
 class RewardData(Strict):

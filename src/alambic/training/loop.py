@@ -10,6 +10,7 @@ and which data. The loop itself never changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,15 +24,15 @@ from accelerate.utils import set_seed
 from alambic.compat import check_compatible
 from alambic.config import DistillConfig, dump_config
 from alambic.data import build_datasets, collate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.evaluate.heldout import evaluate
 from alambic.training.export import export_student
-from alambic.training.step_loss import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
 from alambic.training.setup import build_models
+from alambic.training.step_loss import loss_positions, loss_sums
 
 
 _DEBUG_STEP_SLEEP = float(os.environ.get("ALAMBIC_DEBUG_STEP_SLEEP", "0") or 0)
@@ -104,13 +105,15 @@ def run_distillation(
             setup.rollout(_load_batch(train_data, plan.rank_slice(g, accelerator.process_index), pad_id, accelerator.device), step)
             for g in plan.step_indices(step - 1)
         ]
+        if hasattr(teacher, "prefetch"):  # a served teacher: requests for this and the next micro-batches go out now
+            teacher.prefetch(batches, lambda s: [plan.rank_slice(g, accelerator.process_index) for g in plan.step_indices(s - 1)], step)
         step_loss_tokens = _count_across_ranks(accelerator, sum(loss_positions(b, config.task) for b in batches))
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         input_tokens = 0
         for micro, batch in enumerate(batches):
             input_tokens += int(batch["attention_mask"].sum())
             last_micro = micro == len(batches) - 1
-            with accelerator.no_sync(student) if not last_micro else _nullcontext():
+            with accelerator.no_sync(student) if not last_micro else contextlib.nullcontext():
                 sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
                 # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
                 scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
@@ -172,14 +175,6 @@ def _count_across_ranks(accelerator, local_count: int) -> int:
         return int(local_count)
     total = accelerator.reduce(torch.tensor([float(local_count)], device=accelerator.device), reduction="sum")
     return int(total.item())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _due(step: int, every: int, last: int) -> bool:

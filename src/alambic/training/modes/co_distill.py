@@ -27,11 +27,11 @@ from alambic.config import ModelConfig
 from alambic.data import IGNORE
 from alambic.durable import atomic_dir
 from alambic.errors import ConfigError
+from alambic.losses.options import LossOptions
 from alambic.models import check_tokenizers_compatible, load_model, load_tokenizer
+from alambic.models.module import StudentModule
 from alambic.teachers.base import SignalRequest, TeacherSignal
 from alambic.teachers.ensemble import mixture_logits
-from alambic.models.module import StudentModule
-from alambic.losses.options import LossOptions
 from alambic.training.modes.base import TeacherChoice
 
 PEERS_KEY = "peers"

@@ -26,9 +26,9 @@ from alambic.data import IGNORE
 from alambic.errors import ConfigError
 from alambic.losses import token_cross_entropy
 from alambic.losses.cross_tokenizer import projected_teacher_kl, uld_distance
+from alambic.losses.options import LossOptions
 from alambic.models.alignment import align_positions, char_ends, same_vocabulary, student_row_ends, vocabulary_map
 from alambic.teachers.base import SignalRequest, TeacherSignal
-from alambic.losses.options import LossOptions
 from alambic.training.modes.base import TeacherChoice
 
 

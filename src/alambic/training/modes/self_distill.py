@@ -27,11 +27,11 @@ from alambic.config import ModelConfig
 from alambic.data import IGNORE
 from alambic.errors import ConfigError
 from alambic.losses import per_token_distillation_loss
+from alambic.losses.options import LossOptions
 from alambic.losses.representation import masked_mean_pool
 from alambic.models import freeze, load_model
 from alambic.teachers.ema import FrozenCopy, ema_update
 from alambic.teachers.live import LiveTeacher
-from alambic.losses.options import LossOptions
 from alambic.training.modes.base import TeacherChoice
 
 TEACHER_KEY = "self_distill_teacher"
