@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "alambic.evaluate.cli",  # eval, report
     "alambic.demos.cli",  # demo
     "alambic.models.init_student_cli",  # init-student
+    "alambic.models.merge_cli",  # merge
     "alambic.training.progressive_cli",  # progressive
     "alambic.reward.cli",  # reward-distill
     "alambic.plan.cli",  # plan

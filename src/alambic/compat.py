@@ -130,6 +130,8 @@ FEATURES: dict[str, Feature] = {
     # how the run spreads over processes (training/distributed.py, docs/scale.md)
     "fsdp": Feature("train.strategy 'fsdp'", lambda c: c.train.strategy == "fsdp"),
     "fp16": Feature("train.mixed_precision 'fp16'", lambda c: c.train.mixed_precision == "fp16"),
+    "interchange": Feature("interchange", lambda c: c.interchange is not None),
+    "quantization": Feature("quantization", lambda c: c.quantization is not None),
 }
 
 _ONE_TOKENIZATION = "it compares tensors position by position in one tokenization"
@@ -259,8 +261,20 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("fsdp", "student_from_teacher", "the student would be cut from the sharded teacher's layers",
                  "build the student first (alambic init-student) and set student.model, or use train.strategy: ddp"),
     Incompatible("fsdp", "classification", "only causal LMs are sharded per decoder layer", _FSDP_FIX),
+    Incompatible("fsdp", "interchange", "its forward hooks swap activations of whole blocks, which FSDP holds "
+                 "only while a block runs; not sharded or tested under FSDP", _FSDP_FIX),
+    Incompatible("fsdp", "quantization", "fake-quantized weights are not tested on sharded parameters", _FSDP_FIX),
     Incompatible("fsdp", "fp16", "fp16 needs a gradient scaler, which the FSDP path does not use",
                  "use train.mixed_precision: bf16 (or no)"),
+    # interchange interventions: one live teacher run again with swapped activations
+    Incompatible("interchange", "classification", "it trains next-token distributions under interventions",
+                 "remove interchange, or set task: causal_lm"),
+    Incompatible("interchange", "no_teacher_model", "it runs one live teacher model again with swapped activations",
+                 "set teacher.model to a model folder (not teacher.cache, teachers:, self_distill or co_distill)"),
+    Incompatible("interchange", "cross_tokenizer", _ONE_TOKENIZATION, _CROSS_FIX),
+    # quantization-aware training: the compressed-tensors export
+    Incompatible("quantization", "classification", "its export (compressed-tensors) is written and tested for "
+                 "causal LMs only", "remove quantization, or set task: causal_lm"),
 )
 
 

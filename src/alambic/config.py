@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from alambic.config_base import Strict  # noqa: F401  (every command's schema imports it from here)
+from alambic.config_extras import InterchangeConfig, QuantizationConfig
 from alambic.config_modes import (
     CoDistillConfig,
     CrossTokenizerConfig,
@@ -181,6 +182,8 @@ class DistillConfig(Strict):
     self_distill: SelfDistillConfig | None = None
     co_distill: CoDistillConfig | None = None
     cross_tokenizer: CrossTokenizerConfig | None = None
+    interchange: InterchangeConfig | None = None  # counterfactual (interchange-intervention) distillation
+    quantization: QuantizationConfig | None = None  # quantization-aware distillation + compressed-tensors export
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":

@@ -59,6 +59,8 @@ EXAMPLES = {
     "served_teacher": {"teacher": {"model": None, "server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5}},
     "served_member": {"teachers": [{"server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5, "name": "s"},
                                    {"model": f"{MISSING}/m", "name": "m"}]},
+    "interchange": {"interchange": {"layer_map": {0: 0}}},
+    "quantization": {"quantization": {"bits": 4}},
 }
 
 
