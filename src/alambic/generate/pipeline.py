@@ -21,6 +21,7 @@ from alambic.generate.backends import make_backend
 from alambic.generate.backends.base import TeacherRequest
 from alambic.generate.backends.openai_backend import read_api_key
 from alambic.generate.cache import RequestCache, request_key, write_atomically
+from alambic.generate.checks import preflight
 from alambic.generate.config import GenerateConfig
 from alambic.generate.filters import Example, ExampleFilter
 from alambic.generate.inputs import read_table, require_columns
@@ -66,6 +67,7 @@ class GenerateRun:
             self.recipe.teacher_messages(record)
             self.recipe.student_prompt(record)
         example_filter = ExampleFilter(self.config.filters)  # reads evaluation sets: fail before any request
+        preflight(self.config)  # e.g. teacher.device=cuda without a GPU: before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(self.run_dir / "config.yaml", dump_config(self.config).encode())
         cache = RequestCache(self.run_dir / "cache", self.identity, self.params,
@@ -74,6 +76,7 @@ class GenerateRun:
             backend = make_backend(self.config.teacher, api_key)
             runner = RequestRunner(backend, cache, self.params, self.config.teacher.retry, Redactor(api_key),
                                    show_progress=self.config.progress)
+            self.stats = runner.stats
             records, jobs, pool = asyncio.run(self._collect(backend, runner, records))
             teacher_rows, examples, rejected = self._assemble(jobs, cache)
         finally:

@@ -28,6 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from alambic.config import DistillConfig, StudentConfig, Strict, TeacherConfig, apply_overrides, format_validation_error
+from alambic.config_overrides import flatten_dotted
 from alambic.errors import ConfigError
 from alambic.training.checkpoint import atomic_write_text
 
@@ -83,7 +84,7 @@ def stage_configs(config: ProgressiveConfig) -> list[DistillConfig]:
     for index, stage in enumerate(config.stages):
         raw = json.loads(json.dumps(config.run))
         raw.setdefault("train", {})["output_dir"] = str(stage_folder(config, index))
-        for key, value in stage.overrides.items():
+        for key, value in flatten_dotted(stage.overrides):  # nested keys too: stages.N.overrides.train.lr=...
             apply_overrides(raw, [f"{key}={json.dumps(value)}"])
         raw["teacher"] = teacher
         if stage.architecture is not None:

@@ -41,8 +41,9 @@ class ScriptedChatServer:
     """
 
     def __init__(self, responder: Responder = echo_responder, delay_s: float = 0.0, port: int = 0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, serve_logprobs: bool = True):
         self.responder = responder
+        self.serve_logprobs = serve_logprobs  # False: ignore `logprobs` like `transformers serve` does
         self.delay_s = delay_s
         self.port = port
         self.api_key = api_key
@@ -97,7 +98,7 @@ class ScriptedChatServer:
         finally:
             self.active -= 1
         self.log.append((time.monotonic(), messages[-1]["content"], body.get("seed")))
-        return json_response(200, _completion(body, text))
+        return json_response(200, _completion(body, text, self.serve_logprobs))
 
     # ----------------------------------------------------------- running in a thread (tests)
 
@@ -129,11 +130,11 @@ class ScriptedChatServer:
         self._thread.join(10)
 
 
-def _completion(body: dict, text: str) -> dict:
+def _completion(body: dict, text: str, serve_logprobs: bool = True) -> dict:
     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
     completion_tokens = len(text.split())
     logprobs = None
-    if body.get("logprobs"):
+    if body.get("logprobs") and serve_logprobs:
         top = int(body.get("top_logprobs") or 0)
         logprobs = {"content": [
             {"token": word, "logprob": -0.1 * (i + 1), "bytes": None,

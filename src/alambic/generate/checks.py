@@ -1,0 +1,80 @@
+"""Checks of `alambic generate` that turn a silent bad run into a clear stop (exit 2).
+
+- a base URL that is not an http(s) URL with a host is a config error, found before anything is written;
+- a backend that drops the log-probabilities asked for is found on its first answer, before it is stored;
+- a run in which every request failed is an error, never a success.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from alambic.errors import AlambicError
+
+LOGPROB_BACKENDS = ("vLLM's server (vllm serve MODEL)", "the OpenAI API", "the local `hf` backend (teacher.backend: hf)")
+
+
+def check_base_url(value: str | None) -> str | None:
+    """`http://host[:port]/path` or `https://...`; anything else cannot be a server address."""
+    if value is None:
+        return value
+    try:
+        parts = urlsplit(value.strip())
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        shown = value if "@" not in value else "<url with credentials>"
+        raise ValueError(
+            f"base_url {shown!r} is not an http(s) URL with a host; write it like http://127.0.0.1:8000/v1 "
+            "or https://api.openai.com/v1"
+        )
+    return value.strip()
+
+
+def require_logprobs(replies, params: dict, backend_label: str) -> None:
+    """Stop when logprobs were asked for and an answer came back without them (e.g. `transformers serve`)."""
+    if not params.get("logprobs"):
+        return
+    for reply in replies:
+        if reply.content and reply.logprobs is None:
+            raise AlambicError(
+                f"the teacher backend {backend_label} answered without the log-probabilities that "
+                "sampling.logprobs: true asks for (it ignores `logprobs`)",
+                "use a backend that returns them: " + ", ".join(LOGPROB_BACKENDS)
+                + "; or set sampling.logprobs=false to store answers only (no soft targets)",
+            )
+
+
+def check_not_all_failed(stats, retry_failed: bool) -> None:
+    """A run that asked for answers and got none is an error (exit 2), with the commonest reason."""
+    needed = stats.requested
+    answered_ever = stats.answered + stats.cached
+    if needed == 0 or answered_ever > 0:
+        return
+    if stats.failed:
+        kind, count = stats.failures.most_common(1)[0]
+        raise AlambicError(
+            f"every request failed ({stats.failed} of {needed}; most often {kind}: {count}); "
+            "nothing was learned from the teacher. The errors are in teacher.jsonl and rejected.jsonl",
+            "check teacher.model against the model the server serves (an http_400/404 usually means another "
+            "model), teacher.base_url and the key; then rerun with --retry-failed",
+        )
+    if stats.skipped_failed and not retry_failed:
+        raise AlambicError(
+            f"every request failed in an earlier run ({stats.skipped_failed} of {needed}) and none was sent again",
+            "fix the cause, then rerun with --retry-failed",
+        )
+
+
+def preflight(config) -> None:
+    """What can be checked about the teacher before anything is written (no model is loaded)."""
+    teacher = config.teacher
+    if teacher.backend == "hf":
+        import torch
+
+        from alambic.generate.backends.hf_backend import resolve_device
+        from alambic.models.loading import resolve_model_source
+
+        resolve_device(teacher.device, torch)
+        resolve_model_source(teacher.model, "teacher")  # a missing local folder, named as such
