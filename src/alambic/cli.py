@@ -16,6 +16,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alambic.errors import AlambicError
 
@@ -59,9 +60,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except AlambicError as err:
-        err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
         if err.hint:
-            err_console.print(f"[yellow]fix:[/] {err.hint}", highlight=False)
+            err_console.print(f"[yellow]fix:[/] {escape(err.hint)}", highlight=False)
         sys.exit(err.exit_code)
     except (typer.Exit, SystemExit) as done:
         code = getattr(done, "exit_code", getattr(done, "code", 0))

@@ -44,7 +44,8 @@ def set_dotted(raw: dict, path: list[str], value: Any) -> None:
             node = node[_index(node, part, where)]
             continue
         child = node.get(part)
-        if isinstance(child, list) and path[depth + 1].lstrip("-").isdigit():
+        if isinstance(child, list):
+            _index(child, path[depth + 1], ".".join(path[: depth + 2]))  # the next part must index it
             node = child
             continue
         if not isinstance(child, dict):
