@@ -16,8 +16,10 @@ import pytest
 from doc_commands import LAUNCHERS, REPO, all_chains, make_workspace, run_one, split_and
 
 CHAINS = all_chains()
-# Multi-process launches cost ~30 s each on 2 cores; DDP itself is tested in tests/recipes/test_ddp.py.
-RUN_LAUNCHERS = os.environ.get("ALAMBIC_DOC_TEST_LAUNCH", "0") == "1"
+# Multi-process launches cost ~40 s each on 2 loaded cores: they run (once per distinct command line) unless
+# ALAMBIC_DOC_TEST_LAUNCH=0. DDP itself is tested in tests/recipes/test_ddp.py.
+RUN_LAUNCHERS = os.environ.get("ALAMBIC_DOC_TEST_LAUNCH", "1") == "1"
+_LAUNCHED: dict[str, str] = {}  # launch command (without env prefix) -> where it ran
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,12 @@ def test_printed_commands_run(chain, tiny_root, tmp_path, monkeypatch):
             skipped.append(f"{command.where}: needs {command.needs}")
             continue
         parts = split_and(command.text)
-        if any(part[0] in LAUNCHERS or (len(part) > 1 and part[1] in LAUNCHERS) for part in parts) and not RUN_LAUNCHERS:
-            skipped.append(f"{command.where}: multi-process launch (ALAMBIC_DOC_TEST_LAUNCH=1 runs it)")
+        launch = next((" ".join(part[part.index(name):]) for part in parts for name in LAUNCHERS if name in part), None)
+        if launch and not RUN_LAUNCHERS:
+            skipped.append(f"{command.where}: multi-process launch (ALAMBIC_DOC_TEST_LAUNCH=0)")
+            continue
+        if launch and launch in _LAUNCHED:
+            skipped.append(f"{command.where}: the same launch ran at {_LAUNCHED[launch]}")
             continue
         code, output = 0, ""
         for words in parts:
@@ -68,5 +74,7 @@ def test_printed_commands_run(chain, tiny_root, tmp_path, monkeypatch):
             f"--- output (last 3000 chars) ---\n{output[-3000:]}"
         )
         ran += 1
+        if launch:
+            _LAUNCHED[launch] = command.where
     if not ran:
         pytest.skip("; ".join(skipped))

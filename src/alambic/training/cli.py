@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 import os
 
-from alambic.config import DistillConfig, dump_config, load_config
+from alambic.config import DistillConfig, load_config
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,11 @@ def register(app: typer.Typer) -> None:
         from alambic.config import config_model_for, read_yaml
 
         read_yaml(config)  # missing / unreadable file: a clear error before the schema lookup
+        from alambic.output import config_summary, full_config_text, is_verbose
+
         resolved = load_config(config, overrides or [], config_model_for(config))
-        typer.echo(dump_config(resolved))
-        typer.echo(f"{config}: valid")
+        if is_verbose():
+            typer.echo(full_config_text(resolved))
+        elif isinstance(resolved, DistillConfig):
+            typer.echo(config_summary(resolved))
+        typer.echo(f"{config}: valid ({type(resolved).__name__})")

@@ -20,7 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from alambic.config import DistillConfig, dump_config
+from alambic.config import DistillConfig
+from alambic.output import describe_config
 from alambic.data import build_datasets, collate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
@@ -63,7 +64,7 @@ def run_distillation(
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     if print_config and is_main:
-        print(dump_config(config))
+        print(describe_config(config))  # one line; the full config with --verbose
     set_seed(config.train.seed)
 
     # Models and data: the student is what trains; the teacher source is what it learns from.
