@@ -40,8 +40,8 @@ def configure(verbose: bool) -> None:
     if verbose:
         return
     # Read by huggingface_hub and transformers when they are imported; set before any import of theirs.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("ACCELERATE_LOG_LEVEL", "error")
     for name in ("accelerate", "transformers", "huggingface_hub", "torch.distributed.elastic"):
