@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from alambic.evaluate.demo import DemoConfig, run_demo
+from alambic.demos.demo import DemoConfig, run_demo
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- demo:start -->", "<!-- demo:end -->"

@@ -184,9 +184,9 @@ def quality_section(setup: dict, work: Path, steps: int) -> dict:
     from alambic.data import build_datasets
     from alambic.models import freeze, load_model, load_teacher
     from alambic.teachers.live import LiveTeacher
-    from alambic.training.evaluation import evaluate
+    from alambic.evaluate.heldout import evaluate
     from alambic.training.loop import run_distillation
-    from alambic.training.module import StudentModule
+    from alambic.models.module import StudentModule
 
     config = kd_config(setup, work / "full", max_steps=steps, eval_every=steps, lr=5e-3)
     config["train"]["eval_batches"] = None
@@ -281,7 +281,7 @@ def targets(report: dict) -> list[str]:
 
 
 def write_results(text: str) -> None:
-    from alambic.cache.format import atomic_write_bytes
+    from alambic.durable import atomic_write_bytes
 
     current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     if START in current and END in current:

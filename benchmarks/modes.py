@@ -157,7 +157,7 @@ def markdown(report: dict) -> str:
 
 
 def write_results(text: str) -> None:
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     if START in current and END in current:

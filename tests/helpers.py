@@ -10,9 +10,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, env=None, timeout=600, cwd=None):
-    """Run `alambic ...` in a subprocess; returns CompletedProcess with text output."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+def run_cli_subprocess(*args, env=None, timeout=600, cwd=None):
+    """Run `alambic ...` in a subprocess; returns CompletedProcess with text output.
+
+    (In this process instead: `invoke`.) Passive OpenMP waiting: on a shared
+    CPU, spinning threads slow every process down.
+    """
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "160"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "alambic.cli", *map(str, args)],
@@ -39,7 +44,7 @@ def kd_config(setup, output_dir, **train):
 
 
 def invoke(capsys, *args):
-    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    """Run the CLI in this process; returns (exit code, stdout, stderr with whitespace collapsed)."""
     from alambic.cli import main
 
     old_argv = sys.argv
@@ -53,3 +58,16 @@ def invoke(capsys, *args):
         sys.argv = old_argv
     captured = capsys.readouterr()
     return code, captured.out, " ".join(captured.err.split())
+
+
+def expect_exit_2(capsys, tmp_path, mapping, *needles, command="distill", extra=(), fix=False):
+    """Run `alambic COMMAND CONFIG` in this process on `mapping`: exit code 2, every needle in stderr,
+    (with fix=True) a "fix:" hint, and no run folder `tmp_path / "run"` left behind. Returns stderr."""
+    code, _, err = invoke(capsys, command, write_config(tmp_path / "c.yaml", mapping), *extra)
+    assert code == 2, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    if fix:
+        assert "fix:" in err, err
+    assert not (tmp_path / "run").exists(), "a failed run left a folder behind"
+    return err

@@ -30,27 +30,22 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
-# Feature areas that add commands. A module missing here is a bug, not an option.
+# Feature areas that add commands. Every one must import: a module that fails is a bug, never skipped.
 COMMAND_MODULES = (
     "alambic.training.cli",  # distill, validate
     "alambic.cache.cli",  # cache-logits
     "alambic.generate.cli",  # generate, train-classifier
-    "alambic.evaluate.cli",  # eval, report, demo
-    "alambic.models.cli",  # init-student
+    "alambic.evaluate.cli",  # eval, report
+    "alambic.demos.cli",  # demo
+    "alambic.models.init_student_cli",  # init-student
     "alambic.training.progressive_cli",  # progressive
-    "alambic.training.reward_cli",  # reward-distill
+    "alambic.reward.cli",  # reward-distill
 )
 
 
 def _register_commands() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # the area has not been written yet
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 _register_commands()

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from alambic.config_base import Strict  # noqa: F401  (every command's schema imports it from here)
 from alambic.config_modes import (
     CoDistillConfig,
     CrossTokenizerConfig,
@@ -25,16 +26,10 @@ from alambic.config_modes import (
     SelfDistillConfig,
 )
 from alambic.errors import ConfigError
-from alambic.objectives import OBJECTIVES
+from alambic.objective_names import OBJECTIVES
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Task = Literal["causal_lm", "sequence_classification"]
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class ModelConfig(Strict):

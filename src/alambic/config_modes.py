@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from alambic.config_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
-
-
-class RolloutConfig(_Strict):
+class RolloutConfig(Strict):
     """Where the completions of a batch come from."""
 
     policy: Literal["off_policy", "on_policy", "sequence_level", "minillm"] = "off_policy"
@@ -43,7 +41,7 @@ class RolloutConfig(_Strict):
         return self
 
 
-class HiddenTransferConfig(_Strict):
+class HiddenTransferConfig(Strict):
     weight: float = Field(1.0, ge=0.0)
     loss: Literal["mse", "cosine"] = "mse"
     layer_map: Literal["uniform", "last"] | dict[int, int] = "uniform"
@@ -54,18 +52,18 @@ class HiddenTransferConfig(_Strict):
     )
 
 
-class AttentionTransferConfig(_Strict):
+class AttentionTransferConfig(Strict):
     weight: float = Field(1.0, ge=0.0)
     layer_map: Literal["uniform", "last"] | dict[int, int] = "uniform"
 
 
-class RelationTransferConfig(_Strict):
+class RelationTransferConfig(Strict):
     weight: float = Field(1.0, ge=0.0)
     kind: Literal["token", "sample"] = "token"
     layer_map: Literal["uniform", "last"] | dict[int, int] = "last"
 
 
-class RepresentationConfig(_Strict):
+class RepresentationConfig(Strict):
     """Feature-based terms added to the logit loss (TinyBERT, DistilBERT, relation KD)."""
 
     hidden: HiddenTransferConfig | None = None
@@ -74,7 +72,7 @@ class RepresentationConfig(_Strict):
     output_cosine: float = Field(0.0, ge=0.0, description="weight of DistilBERT's cosine on final hidden states")
 
 
-class EnsembleConfig(_Strict):
+class EnsembleConfig(Strict):
     """How several teachers (`teachers:`) are combined."""
 
     method: Literal["fixed", "confidence", "route"] = Field(
@@ -94,7 +92,7 @@ class EnsembleConfig(_Strict):
         return self
 
 
-class SelfDistillConfig(_Strict):
+class SelfDistillConfig(Strict):
     teacher: Literal["ema", "frozen", "checkpoint", "none"] = Field(
         "ema", description="the student's own teacher; none: keep the run's teacher (or none) and only train early exits"
     )
@@ -114,12 +112,12 @@ class SelfDistillConfig(_Strict):
         return self
 
 
-class CoDistillConfig(_Strict):
+class CoDistillConfig(Strict):
     peers: list[str] = Field(min_length=1, description="model folders / hub ids trained together with the student")
     weight: float = Field(1.0, gt=0.0, description="scale of the peers' losses in the total (1: peers learn like the student)")
 
 
-class CrossTokenizerConfig(_Strict):
+class CrossTokenizerConfig(Strict):
     """Teacher and student tokenizers differ (training/modes/cross_tokenizer.py)."""
 
     method: Literal["uld", "align"] = Field(

@@ -11,8 +11,8 @@ from unittest import mock
 from alambic.cli import main
 
 
-def run_cli(*args: str) -> int:
-    """`alambic ARGS` in this process; returns the exit code."""
+def invoke_cli(*args: str) -> int:
+    """`alambic ARGS` in this process; returns the exit code (a subprocess instead: helpers.run_cli_subprocess)."""
     with mock.patch.object(sys, "argv", ["alambic", *map(str, args)]):
         try:
             main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from helpers_generate import free_port, read_jsonl, run_cli, summary_of, write_jsonl
+from helpers_generate import free_port, read_jsonl, invoke_cli, summary_of, write_jsonl
 
 from alambic.generate.testing.scripted_server import ScriptedError
 
@@ -21,7 +21,7 @@ def test_unreachable_server_names_the_url_and_exits_2(config_from, tmp_path, cap
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     config = config_from("generate_answer.yaml", teacher={"base_url": url, "retry": FAST_RETRY},
                          input={"path": str(prompts_file(tmp_path))})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     message = capsys.readouterr().err
     assert "cannot reach the teacher" in message and url in message and "3 attempts" in message
 
@@ -33,14 +33,14 @@ def test_missing_api_key_variable_exits_2_before_any_request(scripted_server, co
     config = config_from("generate_answer.yaml",
                          teacher={"base_url": server.base_url, "api_key_env": "ALAMBIC_TEST_KEY"},
                          input={"path": str(prompts_file(tmp_path))})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     assert "ALAMBIC_TEST_KEY" in capsys.readouterr().err and server.log == []
 
 
 def test_key_pasted_instead_of_a_variable_name_is_refused_without_echo(config_from, tmp_path, capsys):
     config = config_from("generate_answer.yaml", teacher={"api_key_env": SECRET},
                          input={"path": str(prompts_file(tmp_path))})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     captured = capsys.readouterr()
     assert "NAME of an environment variable" in captured.err and SECRET not in captured.err + captured.out
     assert not (tmp_path / "run").exists()
@@ -48,7 +48,7 @@ def test_key_pasted_instead_of_a_variable_name_is_refused_without_echo(config_fr
 
 def test_missing_prompt_column_names_the_column(config_from, tmp_path, capsys):
     config = config_from("generate_answer.yaml", input={"path": str(prompts_file(tmp_path, column="promt"))})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     err = capsys.readouterr().err
     assert "no column 'prompt'" in err and "did you mean 'promt'" in err
 
@@ -56,7 +56,7 @@ def test_missing_prompt_column_names_the_column(config_from, tmp_path, capsys):
 def test_empty_label_set_message(config_from, tmp_path, capsys):
     config = config_from("generate_label.yaml", recipe={"kind": "label", "labels": []},
                          input={"path": str(prompts_file(tmp_path))})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     assert "the label set is empty" in capsys.readouterr().err
 
 
@@ -64,12 +64,12 @@ def test_cache_of_another_config_is_refused_unless_new_cache(scripted_server, co
     server = scripted_server()
     inputs = str(prompts_file(tmp_path))
     first = config_from("generate_answer.yaml", teacher={"base_url": server.base_url}, input={"path": inputs})
-    assert run_cli("generate", first) == 0 and len(server.log) == 3
+    assert invoke_cli("generate", first) == 0 and len(server.log) == 3
     changed = config_from("generate_answer.yaml", teacher={"base_url": server.base_url}, input={"path": inputs},
                           sampling={"temperature": 0.2})
-    assert run_cli("generate", changed) == 2
+    assert invoke_cli("generate", changed) == 2
     assert "sampling.temperature" in capsys.readouterr().err and len(server.log) == 3
-    assert run_cli("generate", changed, "--new-cache") == 0
+    assert invoke_cli("generate", changed, "--new-cache") == 0
     assert len(server.log) == 6
     assert all(row["params"]["temperature"] == 0.2 for row in read_jsonl(tmp_path / "run" / "teacher.jsonl"))
 
@@ -89,7 +89,7 @@ def test_failed_requests_are_recorded_skipped_then_retried_on_demand(scripted_se
     server = scripted_server(flaky)
     config = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "retry": FAST_RETRY},
                          input={"path": str(prompts_file(tmp_path))}, filters={"dedupe": False})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert attempts.count("question 1") == 1 and attempts.count("question 2") == 3  # 400 is not retried
     rows = {r["id"]: r for r in read_jsonl(tmp_path / "run" / "teacher.jsonl")}
     assert rows[1]["status"] == "failed" and rows[1]["error"]["kind"] == "http_400"
@@ -99,10 +99,10 @@ def test_failed_requests_are_recorded_skipped_then_retried_on_demand(scripted_se
     assert summary["teacher_records"]["failed"] == 2
 
     broken["on"] = False
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert len(attempts) == 5  # failed requests are not resent without the flag
     assert summary_of(tmp_path / "run")["requests"]["failed_earlier_not_retried"] == 2
-    assert run_cli("generate", config, "--retry-failed") == 0
+    assert invoke_cli("generate", config, "--retry-failed") == 0
     assert sorted(attempts[5:]) == ["question 1", "question 2"]
     assert all(r["status"] == "ok" for r in read_jsonl(tmp_path / "run" / "teacher.jsonl"))
 
@@ -121,7 +121,7 @@ def test_api_key_never_written_or_logged(scripted_server, config_from, tmp_path,
                          teacher={"base_url": server.base_url, "api_key_env": "ALAMBIC_TEST_KEY",
                                   "prices": {"input_per_million": 1, "output_per_million": 2}},
                          input={"path": str(prompts_file(tmp_path))})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert len(server.log) == 2  # the key was sent: the server accepted the other two
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {"config.yaml", "requests.jsonl", "manifest.json", "summary.json",
@@ -139,6 +139,6 @@ def test_wrong_key_stops_the_run_with_a_hint(scripted_server, config_from, tmp_p
     config = config_from("generate_answer.yaml",
                          teacher={"base_url": server.base_url, "api_key_env": "ALAMBIC_TEST_KEY"},
                          input={"path": str(prompts_file(tmp_path))})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     err = capsys.readouterr().err
     assert "refused the API key (HTTP 401)" in err and "sk-wrong-key-000000" not in err

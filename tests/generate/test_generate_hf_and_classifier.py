@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 from generate_tiny_model import build_tiny_chat_model
-from helpers_generate import read_jsonl, run_cli, summary_of, write_jsonl
+from helpers_generate import read_jsonl, invoke_cli, summary_of, write_jsonl
 
 
 @pytest.mark.slow  # imports transformers and loads a model in this process
@@ -24,7 +24,7 @@ def test_hf_backend_batches_samples_and_stores_true_logprobs(tmp_path):
         "sampling": {"n": 2, "temperature": 0.9, "seed": 3, "max_tokens": 5, "logprobs": True, "top_logprobs": 3},
         "input": {"path": str(inputs)}, "filters": {"dedupe": False, "min_chars": 0},
         "output": {"dir": str(tmp_path / "run"), "format": "parquet"}, "progress": False}))
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     import pyarrow.parquet as parquet
 
     rows = parquet.read_table(tmp_path / "run" / "teacher.parquet").to_pylist()
@@ -45,7 +45,7 @@ def test_hf_backend_batches_samples_and_stores_true_logprobs(tmp_path):
             assert abs(entry["logprob"] - float(expected[step, entry["token_id"]])) < 1e-4
             top = [alt["logprob"] for alt in entry["top"]]
             assert len(top) == 3 and top == sorted(top, reverse=True) and entry["logprob"] <= top[0] + 1e-6
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert summary_of(tmp_path / "run")["requests"]["sent"] == 0
 
 
@@ -71,7 +71,7 @@ def test_train_classifier_reports_student_next_to_teacher(tmp_path, capsys):
         config.write_text(yaml.safe_dump({"train": str(train), "test": str(test), "model": model,
                                           "hidden_sizes": [16], "max_iter": 500,
                                           "output_dir": str(tmp_path / model)}))
-        assert run_cli("train-classifier", config) == 0
+        assert invoke_cli("train-classifier", config) == 0
         report = json.loads((tmp_path / model / "report.json").read_text())
         predictions = read_jsonl(tmp_path / model / "predictions.jsonl")
         correct = sum(p["student"] == p["gold"] for p in predictions)
@@ -87,7 +87,7 @@ def test_train_classifier_needs_two_teacher_classes(tmp_path, capsys):
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "x", "gold": "a"}])
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"train": str(train), "test": str(test), "output_dir": str(tmp_path / "o")}))
-    assert run_cli("train-classifier", config) == 2
+    assert invoke_cli("train-classifier", config) == 2
     assert "at least two classes" in capsys.readouterr().err
 
 
@@ -108,7 +108,7 @@ def test_step_by_step_output_feeds_the_training_data_pipeline(scripted_server, t
         "input": {"path": str(inputs), "prompt_column": "text"},
         "recipe": {"kind": "step_by_step", "labels": ["positive", "negative"], "rationale_weight": 0.25},
         "output": {"dir": str(tmp_path / "run")}, "progress": False}))
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     records = read_jsonl(tmp_path / "run" / "train.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_chat_model(tmp_path / "tiny"))
     data_config = DataConfig(train="unused", format="prompt_completion", weight_column="weight")

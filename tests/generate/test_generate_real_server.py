@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 from generate_child import run_generate
-from helpers_generate import read_jsonl, run_cli, summary_of, write_jsonl
+from helpers_generate import read_jsonl, invoke_cli, summary_of, write_jsonl
 
 from alambic.generate.cache import RECORDS_FILE
 from alambic.generate.testing.fault_proxy import FaultProxy
@@ -46,7 +46,7 @@ def test_collects_answers_from_transformers_serve(transformers_server, config_fr
     inputs = write_jsonl(tmp_path / "in.jsonl", prompts(6))
     model = str(transformers_server.model_dir)
     config = real_config(config_from, tmp_path, transformers_server.base_url, model, inputs)
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     rows = read_jsonl(tmp_path / "run" / "teacher.jsonl")
     assert [r["id"] for r in rows] == list(range(6)) and all(r["status"] == "ok" for r in rows)
     for row in rows:
@@ -64,7 +64,7 @@ def test_fault_proxy_run_completes_with_every_record_once(transformers_server, c
         inputs = write_jsonl(tmp_path / "in.jsonl", prompts(30, seed=1))
         config = real_config(config_from, tmp_path, proxy.base_url, str(transformers_server.model_dir), inputs,
                              timeout_s=2.0, retry={"max_attempts": 12, "base_delay_s": 0.02, "max_delay_s": 0.2})
-        assert run_cli("generate", config) == 0
+        assert invoke_cli("generate", config) == 0
     finally:
         proxy.stop()
     injected = proxy.counts()
@@ -125,7 +125,7 @@ def test_kill_9_at_random_points_never_resends_a_stored_answer(transformers_serv
             resent = before & set(proxy.answered[mark:])
             assert not resent, f"stored answers requested again (ALAMBIC_KILL_SEED={seed}): {sorted(resent)[:3]}"
         mark, before = len(proxy.answered), stored_prompts(cache_file)
-        assert run_cli("generate", config) == 0
+        assert invoke_cli("generate", config) == 0
         assert not before & set(proxy.answered[mark:]), f"ALAMBIC_KILL_SEED={seed}"
     finally:
         proxy.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from helpers_generate import read_jsonl, run_cli, summary_of, write_jsonl
+from helpers_generate import read_jsonl, invoke_cli, summary_of, write_jsonl
 
 SECRET = "sk-test-0123456789abcdefSECRET"
 
@@ -34,7 +34,7 @@ def test_label_recipe_parses_rejects_prices_and_drops_contamination(scripted_ser
         filters={"dedupe": False, "contamination": {"eval_sets": [{"path": str(eval_set), "columns": ["text"],
                                                                    "name": "reviews_test"}],
                                                     "ngram": 4, "threshold": 0.5, "drop": True}})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     run = tmp_path / "run"
     train = read_jsonl(run / "train.jsonl")
     assert [(r["text"], r["label"], r["gold"]) for r in train] == [
@@ -67,7 +67,7 @@ def test_step_by_step_recipe_writes_weighted_label_and_rationale_tasks(scripted_
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ["a good movie", "a bad movie", "what a plot"]])
     config = config_from("stepbystep_label.yaml", teacher={"base_url": server.base_url},
                          input={"path": str(inputs)})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     train = read_jsonl(tmp_path / "run" / "train.jsonl")
     assert [(r["prompt"], r["completion"], r["weight"], r["task"]) for r in train] == [
         ("[label] a good movie", "positive", 1.0, "label"),
@@ -89,7 +89,7 @@ def test_context_distillation_keeps_only_bare_prompt_and_final_answer(scripted_s
     server = scripted_server(tutor_with_context)
     inputs = write_jsonl(tmp_path / "q.jsonl", [{"question": "why is the sky blue"}, {"question": "what is 2+2"}])
     config = config_from("context_distill.yaml", teacher={"base_url": server.base_url}, input={"path": str(inputs)})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     train = read_jsonl(tmp_path / "run" / "train.jsonl")
     assert [r["messages"] for r in train] == [
         [{"role": "user", "content": "why is the sky blue"},
@@ -118,7 +118,7 @@ def test_self_instruct_filters_near_duplicates_answers_the_rest_and_replays(scri
     server = scripted_server(propose_or_answer)
     config = config_from("selfinstruct_seed.yaml", teacher={"base_url": server.base_url},
                          recipe={"rounds": 2, "proposals_per_round": 3})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     run = tmp_path / "run"
     proposals = read_jsonl(run / "proposals.jsonl")
     accepted = [p["instruction"] for p in proposals if p["accepted"]]
@@ -131,7 +131,7 @@ def test_self_instruct_filters_near_duplicates_answers_the_rest_and_replays(scri
     assert all(r["completion"] == f"Here is my answer to: {r['prompt']}" for r in train)
     answered = len(server.log)
     assert answered == 6 + len(accepted)  # 2 rounds x 3 proposals, then one answer per new instruction
-    assert run_cli("generate", config) == 0  # a rerun replays every round from the cache
+    assert invoke_cli("generate", config) == 0  # a rerun replays every round from the cache
     assert len(server.log) == answered
     assert read_jsonl(run / "train.jsonl") == train
 
@@ -141,7 +141,7 @@ def test_samples_seeds_logprobs_and_resume(scripted_server, config_from, tmp_pat
     inputs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(4)])
     config = config_from("generate_answer.yaml", teacher={"base_url": server.base_url}, input={"path": str(inputs)},
                          sampling={"n": 3, "seed": 5, "top_logprobs": 2}, filters={"dedupe": False})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert sorted(seed for _, _, seed in server.log) == sorted([5, 6, 7] * 4)
     teacher = read_jsonl(tmp_path / "run" / "teacher.jsonl")
     assert [(r["id"], r["sample_index"]) for r in teacher] == [(i, s) for i in range(4) for s in range(3)]
@@ -151,7 +151,7 @@ def test_samples_seeds_logprobs_and_resume(scripted_server, config_from, tmp_pat
     first = train[0]["completion_logprobs"]
     assert [entry["token"] for entry in first] == train[0]["completion"].split()
     assert all(len(entry["top"]) == 2 for entry in first)
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert len(server.log) == 12  # nothing sent again
     assert summary_of(tmp_path / "run")["requests"]["from_cache"] == 12
 
@@ -161,5 +161,5 @@ def test_requests_in_flight_never_exceed_the_bound(scripted_server, config_from,
     inputs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(15)])
     config = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "max_in_flight": 3},
                          input={"path": str(inputs)})
-    assert run_cli("generate", config) == 0
+    assert invoke_cli("generate", config) == 0
     assert len(server.log) == 15 and server.peak_active == 3

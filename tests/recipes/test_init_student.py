@@ -99,7 +99,7 @@ def test_bad_input_is_a_clear_error(tiny_setup, capsys, tmp_path, fields, needle
     assert code == 2, err
     assert needle in err and ("fix:" in err)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_existing_output_needs_overwrite(tiny_setup, capsys, tmp_path):

@@ -9,14 +9,15 @@ import sys
 
 import pytest
 
-from alambic.evaluate.lm_teacher import SHIPPED, load_manifest, read_modules, stdlib_split
-from test_demo import call_main, run_cli
+from alambic.demos.lm_assets import SHIPPED, load_manifest, read_modules, stdlib_split
+from helpers import run_cli_subprocess
+from test_demo import call_main
 
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
     loaded = load_manifest(SHIPPED)
-    assert loaded is not None, f"no manifest in {SHIPPED}: run python -m alambic.evaluate.lm_teacher"
+    assert loaded is not None, f"no manifest in {SHIPPED}: run python -m alambic.demos.lm_teacher"
     return loaded
 
 
@@ -53,7 +54,7 @@ def test_shipped_teacher_has_learned_python(manifest):
 @pytest.mark.slow
 def test_quick_lm_demo_on_the_shipped_teacher_holds_out_unseen_modules(tmp_path, manifest):
     folder = tmp_path / "lm"
-    result = run_cli("demo", "--task", "lm", "--quick", f"output_dir={folder}", "teacher_source=shipped",
+    result = run_cli_subprocess("demo", "--task", "lm", "--quick", f"output_dir={folder}", "teacher_source=shipped",
                      "student_layers=[2]")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     heldout = [json.loads(line)["text"] for line in (folder / "data" / "heldout.jsonl").read_text().splitlines()]
@@ -82,8 +83,8 @@ def test_layers_the_teacher_lacks_exit_2_before_anything_is_written(tmp_path, mo
     assert not folder.exists()
 
 
-@pytest.mark.parametrize("path, model", [("configs/demo_lm.yaml", "alambic.evaluate.lm_demo:LMDemoConfig"),
-                                         ("configs/demo_bbc.yaml", "alambic.evaluate.demo:DemoConfig")])
+@pytest.mark.parametrize("path, model", [("configs/demo_lm.yaml", "alambic.demos.lm_demo:LMDemoConfig"),
+                                         ("configs/demo_bbc.yaml", "alambic.demos.demo:DemoConfig")])
 def test_demo_configs_spell_out_the_defaults(path, model):
     # Their headers say "its defaults": a changed default must be changed there too.
     import importlib

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from alambic.config import DistillConfig
 from alambic.training.loop import run_distillation
 from alambic.training.modes.co_distill import others_mixture
-from alambic.training.objective import loss_sums
-from helpers import invoke, write_config
+from alambic.training.step_loss import loss_sums
+from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, first_batch, micro_config
 
 
@@ -61,18 +61,10 @@ def test_peers_train_and_are_saved_next_to_the_student(micro, tmp_path):
         assert set(exported.keys()) == set(result.student.model.state_dict())
 
 
-def _expect_exit_2(capsys, tmp_path, mapping, *needles):
-    code, _, err = invoke(capsys, "distill", write_config(tmp_path / "c.yaml", mapping))
-    assert code == 2, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    assert not (tmp_path / "run").exists()
-
-
 def test_co_distill_with_a_teacher_or_without_peers_exits_2(micro, tmp_path, capsys):
     mapping = _config(micro, tmp_path)
     mapping["teacher"] = {"model": str(micro["teacher"])}
-    _expect_exit_2(capsys, tmp_path, mapping, "co_distill is set together with teacher", "fix:")
-    _expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, peers=[]), "co_distill.peers")
-    _expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, peers=[str(tmp_path / "missing/")]),
+    expect_exit_2(capsys, tmp_path, mapping, "co_distill cannot be used with a `teacher:` section", "fix:")
+    expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, peers=[]), "co_distill.peers")
+    expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, peers=[str(tmp_path / "missing/")]),
                    "co_distill.peers[0]", "does not exist")

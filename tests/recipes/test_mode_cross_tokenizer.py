@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import invoke, kd_config, write_config
+from helpers import expect_exit_2, kd_config
 
 from alambic.config import DistillConfig
 from alambic.data.stdlib_corpus import build_tokenizer
@@ -56,7 +56,7 @@ def test_cross_tokenizer_divergence_decreases(tiny_setup, other_student, tmp_pat
 def test_alpha_mixes_ce_and_divergence(tiny_setup, other_student):
     """The term's total is alpha * CE + (1 - alpha) * divergence once the main path's CE is added."""
     from alambic.data import build_datasets, collate
-    from alambic.training.objective import loss_sums
+    from alambic.training.step_loss import loss_sums
     from alambic.training.setup import build_models
 
     mapping = _config(tiny_setup, other_student, "unused", "uld", alpha=0.3)
@@ -71,36 +71,27 @@ def test_alpha_mixes_ce_and_divergence(tiny_setup, other_student):
     assert total == pytest.approx(0.3 * ce + 0.7 * kd, rel=1e-4)
 
 
-def _expect_exit_2(capsys, tmp_path, mapping, *needles):
-    code, _, err = invoke(capsys, "distill", write_config(tmp_path / "c.yaml", mapping))
-    assert code == 2, err
-    for needle in needles:
-        assert needle in err, err
-    assert "fix:" in err
-    assert not (tmp_path / "run").exists()
-
-
 def test_same_tokenizer_is_a_clear_error(tiny_setup, capsys, tmp_path):
     mapping = kd_config(tiny_setup, tmp_path / "run", max_steps=2)
     mapping["cross_tokenizer"] = {"method": "uld"}
-    _expect_exit_2(capsys, tmp_path, mapping, "same tokenizer")
+    expect_exit_2(capsys, tmp_path, mapping, "same tokenizer", fix=True)
 
 
 def test_missing_teacher_tokenizer_is_a_clear_error(tiny_setup, other_student, capsys, tmp_path):
     mapping = _config(tiny_setup, other_student, tmp_path / "run", "align")
     mapping["cross_tokenizer"]["teacher_tokenizer"] = str(tmp_path / "no_such_tokenizer")
-    _expect_exit_2(capsys, tmp_path, mapping, "cross_tokenizer.teacher_tokenizer", "does not exist")
+    expect_exit_2(capsys, tmp_path, mapping, "cross_tokenizer.teacher_tokenizer", "does not exist", fix=True)
 
 
 def test_cache_teacher_is_rejected(tiny_setup, other_student, tmp_path):
-    """Checked on the config: with a real cache folder the run stops at the mode's configure."""
+    """Checked on the config (the compatibility table), before any cache folder is opened."""
+    from alambic.compat import check_compatible
     from alambic.errors import ConfigError
-    from alambic.training.modes.cross_tokenizer import _reject_unsupported
 
     mapping = _config(tiny_setup, other_student, tmp_path / "run", "uld")
     mapping["teacher"] = {"cache": str(tmp_path)}
     with pytest.raises(ConfigError, match="teacher.model"):
-        _reject_unsupported(DistillConfig.model_validate(mapping))
+        check_compatible(DistillConfig.model_validate(mapping))
 
 
 @pytest.mark.parametrize(
@@ -115,4 +106,4 @@ def test_modes_that_cannot_cross_tokenizers_are_clear_errors(tiny_setup, other_s
     mapping = _config(tiny_setup, other_student, tmp_path / "run", "uld")
     for section, values in override.items():
         mapping[section] = {**mapping.get(section, {}), **values}
-    _expect_exit_2(capsys, tmp_path, mapping, needle)
+    expect_exit_2(capsys, tmp_path, mapping, needle, fix=True)

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from helpers import invoke, kd_config, write_config
+from helpers import expect_exit_2, kd_config, write_config
 
 from alambic.config import DistillConfig
 from alambic.data import IGNORE
 from alambic.training.modes import rollouts
-from alambic.training.modes.rollouts import (
+from alambic.training.sampling import (
     hf_generate, prompt_lengths, rollout_seed, samples_at, split_prompts,
 )
 
@@ -48,8 +48,8 @@ def test_on_policy_batches_are_student_samples_scored_by_the_teacher(tiny_setup,
 
     from alambic.teachers.live import LiveTeacher
     from alambic.training.loop import run_distillation
-    from alambic.training.module import StudentModule
-    from alambic.training.objective import loss_sums
+    from alambic.models.module import StudentModule
+    from alambic.training.step_loss import loss_sums
 
     calls = _spy(monkeypatch)
     config = DistillConfig.model_validate(_rollout_config(tiny_setup, tmp_path, "on_policy", **{"lambda": 1.0}))
@@ -168,14 +168,6 @@ def test_sequence_level_trains_on_the_teachers_greedy_completions(tiny_setup, tm
 # ----------------------------------------------------------------------------- bad input
 
 
-def _expect_exit_2(capsys, tmp_path, mapping, *needles, extra=()):
-    code, _, err = invoke(capsys, "distill", write_config(tmp_path / "c.yaml", mapping), *extra)
-    assert code == 2, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    assert not (tmp_path / "run").exists(), "a failed run left a folder behind"
-
-
 @pytest.mark.parametrize(
     "override, needle",
     [("rollout.lambda=1.5", "rollout.lambda"), ("rollout.lambda=-0.1", "rollout.lambda"),
@@ -183,7 +175,7 @@ def _expect_exit_2(capsys, tmp_path, mapping, *needles, extra=()):
 )
 def test_bad_lambda(capsys, tiny_setup, tmp_path, override, needle):
     mapping = _rollout_config(tiny_setup, tmp_path, "on_policy", **{"lambda": 0.5})
-    _expect_exit_2(capsys, tmp_path, mapping, needle, "invalid config", extra=[override])
+    expect_exit_2(capsys, tmp_path, mapping, needle, "invalid config", extra=[override])
 
 
 def test_on_policy_with_a_logit_cache_is_refused(capsys, tiny_setup, tmp_path):
@@ -196,16 +188,16 @@ def test_on_policy_with_a_logit_cache_is_refused(capsys, tiny_setup, tmp_path):
     mapping = _rollout_config(tiny_setup, tmp_path, "on_policy", **{"lambda": 0.5})
     mapping["data"]["limit"] = 4
     mapping["teacher"] = {"cache": str(tmp_path / "cache")}
-    _expect_exit_2(capsys, tmp_path, mapping, "offline logit cache", "teacher.model")
+    expect_exit_2(capsys, tmp_path, mapping, "offline logit cache", "teacher.model")
     mapping["rollout"] = {"policy": "minillm"}
     mapping["loss"]["objective"] = "reverse_kl"
-    _expect_exit_2(capsys, tmp_path, mapping, "live teacher model", "offline logit cache")
+    expect_exit_2(capsys, tmp_path, mapping, "minillm", "no live teacher model", "teacher.model")
 
 
 def test_sequence_level_without_a_teacher_model_is_refused(capsys, tiny_setup, tmp_path):
     mapping = _rollout_config(tiny_setup, tmp_path, "sequence_level")
     mapping.pop("teacher")
-    _expect_exit_2(capsys, tmp_path, mapping, "sequence_level", "live teacher model", "no teacher model")
+    expect_exit_2(capsys, tmp_path, mapping, "sequence_level", "no live teacher model", "write the completions")
 
 
 def test_rollouts_with_a_classifier_are_refused(capsys, tiny_setup, tmp_path):
@@ -223,12 +215,12 @@ def test_rollouts_with_a_classifier_are_refused(capsys, tiny_setup, tmp_path):
     mapping.update(task="sequence_classification")
     mapping["teacher"]["model"], mapping["student"]["model"] = str(tmp_path / "teacher_cls"), str(tmp_path / "student_cls")
     mapping["data"] = {"train": str(data), "format": "classification"}
-    _expect_exit_2(capsys, tmp_path, mapping, "sequence_classification", "off_policy")
+    expect_exit_2(capsys, tmp_path, mapping, "sequence_classification", "off_policy")
 
 
 def test_vllm_engine_errors(capsys, tiny_setup, tmp_path):
     mapping = _rollout_config(tiny_setup, tmp_path, "on_policy", engine="vllm", **{"lambda": 0.5})
-    _expect_exit_2(capsys, tmp_path, mapping, "vllm", "sequence_level")
+    expect_exit_2(capsys, tmp_path, mapping, "vllm", "sequence_level")
     if importlib.util.find_spec("vllm") is None:  # vLLM itself is never needed: only its absence is tested
         mapping["rollout"] = {"policy": "sequence_level", "engine": "vllm"}
-        _expect_exit_2(capsys, tmp_path, mapping, "vllm package is not installed", "pip install vllm")
+        expect_exit_2(capsys, tmp_path, mapping, "vllm package is not installed", "pip install vllm")

@@ -7,8 +7,8 @@ from safetensors import safe_open
 from alambic.config import DistillConfig
 from alambic.losses.representation import attention_mse
 from alambic.training.loop import run_distillation
-from alambic.training.objective import loss_sums
-from helpers import invoke, write_config
+from alambic.training.step_loss import loss_sums
+from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, classifier_config, first_batch, micro_config
 
 TERMS = {"hidden": {"loss": "mse", "layer_map": "uniform"}, "attention": {}, "relation": {"kind": "token"}, "output_cosine": 1.0}
@@ -77,33 +77,24 @@ def test_classifier_attention_transfer_follows_the_layer_map(micro, tmp_path):
     torch.testing.assert_close(sums["rep_attention"].detach(), expected, rtol=1e-4, atol=1e-6)
 
 
-def _expect_exit_2(capsys, tmp_path, mapping, *needles):
-    code, _, err = invoke(capsys, "distill", write_config(tmp_path / "c.yaml", mapping))
-    assert code == 2, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    assert "fix:" in err
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_layer_map_naming_a_missing_layer_exits_2(micro, tmp_path, capsys):
     rep = {"hidden": {"layer_map": {0: 7}}}
-    _expect_exit_2(capsys, tmp_path, micro_config(micro, tmp_path / "run", representation=rep),
-                   "representation.hidden.layer_map", "the teacher has no layer 7", "0..1")
+    expect_exit_2(capsys, tmp_path, micro_config(micro, tmp_path / "run", representation=rep),
+                   "representation.hidden.layer_map", "the teacher has no layer 7", "0..1", fix=True)
 
 
 def test_different_widths_with_projection_never_exits_2(micro, tmp_path, capsys):
     rep = {"hidden": {"projection": "never"}}
-    _expect_exit_2(capsys, tmp_path, micro_config(micro, tmp_path / "run", representation=rep),
-                   "'never'", "(32) differs from the teacher's (64)")
+    expect_exit_2(capsys, tmp_path, micro_config(micro, tmp_path / "run", representation=rep),
+                   "'never'", "(32) differs from the teacher's (64)", fix=True)
 
 
 def test_projection_required_with_equal_widths_exits_2(micro, tmp_path, capsys):
     mapping = micro_config(micro, tmp_path / "run", representation={"hidden": {"projection": "required"}},
                            student={"model": str(micro["teacher_b"])})
-    _expect_exit_2(capsys, tmp_path, mapping, "'required'", "same hidden width (64)")
+    expect_exit_2(capsys, tmp_path, mapping, "'required'", "same hidden width (64)", fix=True)
 
 
 def test_representation_without_a_live_teacher_exits_2(micro, tmp_path, capsys):
     mapping = micro_config(micro, tmp_path / "run", teacher=None, representation={"output_cosine": 1.0})
-    _expect_exit_2(capsys, tmp_path, mapping, "needs the hidden states of one live teacher model")
+    expect_exit_2(capsys, tmp_path, mapping, "needs the hidden states of one live teacher model", fix=True)

@@ -33,7 +33,7 @@ def _reward_mapping(tiny_setup, policy, output_dir):
 def test_reward_model_learns_teacher_preferences_and_improves_best_of_n(capsys, tiny_setup, policy, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
-    from alambic.training import reward
+    from alambic.reward import distill as reward
 
     out = tmp_path / "reward"
     config = write_config(tmp_path / "reward.yaml", _reward_mapping(tiny_setup, policy, out))
@@ -71,7 +71,7 @@ def test_judge_score_is_the_teachers_mean_token_logprob(tiny_setup):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alambic.training.reward import judge_scores
+    from alambic.reward.distill import judge_scores
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_setup["teacher"]).eval()
     prompt, completion = [1, 40, 41], [42, 43, 2]

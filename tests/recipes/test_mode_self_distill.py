@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from alambic.config import DistillConfig
 from alambic.teachers.ema import FrozenCopy, ema_update
 from alambic.training.loop import run_distillation
-from alambic.training.objective import loss_sums
-from helpers import invoke, write_config
+from alambic.training.step_loss import StepOutputs, loss_sums
+from helpers import expect_exit_2
 from modes_micro import build_micro, build_setup, classifier_config, first_batch, micro_config
 
 
@@ -98,33 +98,25 @@ def test_early_exit_target_is_the_detached_final_layer(micro, tmp_path):
     batch = first_batch(mapping, setup)
     setup.student.eval()
     outputs = setup.student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)
-    exit_sums = term(setup.student, {**batch, "_student_outputs": outputs}, None)
+    exit_sums = term(StepOutputs(setup.student, batch, outputs, None, term.options, config.task))
     exit_sums["loss"].backward()
     # Only the shallow part learns from the exit: the final classifier gets no gradient from it.
     assert setup.student.model.classifier.weight.grad is None
     assert setup.student.model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
-def _expect_exit_2(capsys, tmp_path, mapping, *needles):
-    code, _, err = invoke(capsys, "distill", write_config(tmp_path / "c.yaml", mapping))
-    assert code == 2, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    assert not (tmp_path / "run").exists()
-
-
 def test_an_exit_on_the_last_or_a_missing_layer_exits_2(micro, tmp_path, capsys):
-    _expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, early_exit_layers=[1]),
+    expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, early_exit_layers=[1]),
                    "early_exit_layers names layer 1", "use layers 0..0")
 
 
 def test_a_self_teacher_with_a_teacher_section_exits_2(micro, tmp_path, capsys):
     mapping = _config(micro, tmp_path, teacher="frozen")
     mapping["teacher"] = {"model": str(micro["teacher"])}
-    _expect_exit_2(capsys, tmp_path, mapping, "the student teaches itself", "self_distill.teacher: none")
+    expect_exit_2(capsys, tmp_path, mapping, "the student teaches itself", "self_distill.teacher: none")
 
 
 def test_a_checkpoint_teacher_needs_a_real_folder(micro, tmp_path, capsys):
-    _expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, teacher="checkpoint"), "checkpoint")
-    _expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, teacher="checkpoint", checkpoint=str(tmp_path)),
+    expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, teacher="checkpoint"), "checkpoint")
+    expect_exit_2(capsys, tmp_path, _config(micro, tmp_path, teacher="checkpoint", checkpoint=str(tmp_path)),
                    "neither a model folder", "fix:")

@@ -3,30 +3,37 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from alambic.config import DistillConfig, apply_overrides, load_config, read_yaml
+from alambic.compat import check_compatible
+from alambic.config import DistillConfig, apply_overrides, config_model_for, load_config, read_yaml
 from alambic.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
-def _model_for(path: Path):
-    """Configs of other commands declare their schema by file name prefix."""
-    from alambic.config import config_model_for
-
-    return config_model_for(path)
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates_and_documents_its_launch_command(path):
-    config = load_config(path, [], _model_for(path))
-    assert config is not None
+    schema = config_model_for(path)
+    config = load_config(path, [], schema)
+    assert type(config) is schema
+    if isinstance(config, DistillConfig):
+        check_compatible(config)  # what `alambic validate` also checks
+    # What a run writes to its folder (dump_config) reads back as the same config.
+    assert schema.model_validate(config.model_dump(mode="json")) == config
     header = path.read_text().splitlines()[:12]
     assert any(line.startswith("#") and "alambic " in line for line in header), "no launch command in the header"
 
 
-def test_there_are_shipped_configs():
-    assert len(CONFIGS) >= 3
+def test_a_config_declares_its_schema_in_a_comment(tmp_path):
+    from alambic.models.init_student import InitStudentConfig
+
+    declared = tmp_path / "declared.yaml"
+    declared.write_text("# schema: alambic.models.init_student:InitStudentConfig\nteacher: {model: x}\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("# a comment that is not a schema\nstudent: {model: x}\n")
+    assert config_model_for(declared) is InitStudentConfig
+    assert config_model_for(plain) is DistillConfig
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
@@ -54,7 +61,7 @@ def test_unknown_nested_key_suggests_closest(tmp_path):
 
 
 def test_classification_needs_matching_format(tmp_path):
-    with pytest.raises(Exception, match="classification"):
+    with pytest.raises(ValidationError, match="needs data.format: classification"):
         DistillConfig.model_validate({"task": "sequence_classification", "student": {"model": "x"}, "data": {"train": "t"}})
 
 

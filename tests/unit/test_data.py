@@ -64,7 +64,7 @@ def test_packing_restarts_positions_and_never_labels_a_document_start(tokenizer)
 def test_packed_attention_is_block_diagonal():
     """A token's output must not change when an earlier, different document changes."""
     from alambic.testing import tiny_llama
-    from alambic.training.module import StudentModule
+    from alambic.models.module import StudentModule
 
     model = StudentModule(tiny_llama(50, hidden=32, layers=1, heads=2)).eval()
     rows_a = pack_rows([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [4, 5, 6]}], 6)

@@ -128,3 +128,20 @@ def test_bad_layer_lists_are_user_errors(bad):
 def test_keep_more_layers_than_the_teacher_has_is_an_error():
     with pytest.raises(ModelError, match="cannot keep 7"):
         layer_indices_for(6, 7)
+
+
+@pytest.mark.parametrize("from_teacher, expected", [
+    ({"layers": "every_k", "every_k": 1}, [0, 1, 2, 3]),  # every_k is used, not replaced by a default
+    ({"layers": "every_k", "every_k": 3}, [0, 3]),
+    ({"layers": "every_k"}, [0, 2]),  # default k: layers // (layers // 2)
+    ({"layers": "uniform", "num_layers": 1}, [3]),
+    ({"layers": [0, 2]}, [0, 2]),
+])
+def test_student_from_teacher_uses_every_setting(from_teacher, expected):
+    from alambic.config import DistillConfig
+    from alambic.training.setup import _student_model
+
+    config = DistillConfig.model_validate({"teacher": {"model": "t"}, "student": {"from_teacher": from_teacher},
+                                           "data": {"train": "x.jsonl"}})
+    student = _student_model(config, tiny_llama())
+    assert student.config.alambic_selected_layers == expected

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from alambic.durable import atomic_write_bytes
 
 FORMAT_NAME = "alambic-logit-cache"
 FORMAT_VERSION = 1
@@ -225,29 +226,6 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, chunks: list[bytes | memoryview]) -> None:
-    """Write to a temp file, fsync, then rename over `path`: readers never see half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
-
-
 def write_shard(path: Path, row_offsets: np.ndarray, records: np.ndarray) -> tuple[int, str]:
     """Write one shard atomically; returns (bytes, sha256)."""
     header = SHARD_MAGIC + np.array([len(row_offsets) - 1, records.shape[1]], dtype="<u8").tobytes()
@@ -279,7 +257,7 @@ def read_shard(path: Path, record_bytes: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     text = json.dumps(manifest, indent=1, sort_keys=False) + "\n"
-    atomic_write_bytes(folder / MANIFEST_NAME, [text.encode("utf-8")])
+    atomic_write_bytes(folder / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def shard_name(index: int) -> str:

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from alambic.cache.format import MANIFEST_NAME, encode_records, sha256_file, shard_name, write_manifest, write_shard
 from alambic.cache.identity import CacheIdentity, identity_differences
+from alambic.durable import TEMPORARY_GLOB
 from alambic.errors import DataError
 
 # Positions whose top-k is computed at once: bounds the fp32 [tokens, V] work tensors.
@@ -66,7 +67,7 @@ def _refuse_foreign_folder(folder: Path) -> None:
 
 
 def _remove_cache_files(folder: Path) -> None:
-    for path in list(folder.glob("shard-*.bin")) + list(folder.glob("*.tmp")) + [folder / MANIFEST_NAME]:
+    for path in list(folder.glob("shard-*.bin")) + list(folder.glob(TEMPORARY_GLOB)) + [folder / MANIFEST_NAME]:
         path.unlink(missing_ok=True)
 
 
@@ -118,7 +119,7 @@ def _load_for_resume(folder: Path, identity: CacheIdentity) -> dict:
                 "start the cache again with --overwrite (the disk or another process changed the file)",
             )
     listed = {entry["file"] for entry in manifest["shards"]}
-    for path in list(folder.glob("shard-*.bin")) + list(folder.glob("*.tmp")):
+    for path in list(folder.glob("shard-*.bin")) + list(folder.glob(TEMPORARY_GLOB)):
         if path.name not in listed:  # written by the killed run after its last manifest update
             path.unlink()
     return manifest

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         from alambic.errors import ConfigError
         from alambic.evaluate.report import write_report
         from alambic.evaluate.targets import apply_options, resolve_target
-        from alambic.training.checkpoint import atomic_write_text
+        from alambic.durable import atomic_write_text
 
         if task not in (None, "causal_lm", "sequence_classification"):
             raise ConfigError(f"unknown task {task!r}", "use --task causal_lm or --task sequence_classification")
@@ -69,27 +69,6 @@ def register(app: typer.Typer) -> None:
         from alambic.evaluate.report import write_report
 
         typer.echo(f"report: {write_report(run_folders, output)}")
-
-    @app.command()
-    def demo(
-        overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the demo settings"),
-        quick: bool = typer.Option(False, "--quick", help="a subset and few steps (under 2 minutes)"),
-        task: str = typer.Option("classification", "--task", help="classification (BBC News) or lm (stdlib code)"),
-        config: Optional[str] = typer.Option(None, "--config", help="YAML file of demo settings"),
-    ) -> None:
-        """Fine-tune a real teacher, distil it into a small student, compare with a baseline, write a report."""
-        from alambic.errors import ConfigError
-
-        if task == "classification":
-            from alambic.evaluate.demo import demo_config, run_demo
-
-            run_demo(demo_config(config, list(overrides or []), quick))
-        elif task == "lm":
-            from alambic.evaluate.lm_demo import lm_demo_config, run_lm_demo
-
-            run_lm_demo(lm_demo_config(config, list(overrides or []), quick))
-        else:
-            raise ConfigError(f"unknown demo task {task!r}", "use --task classification or --task lm")
 
 
 def _print_models(report: dict) -> None:

@@ -14,8 +14,8 @@ import io
 import json
 from pathlib import Path
 
+from alambic.durable import atomic_write_text
 from alambic.errors import AlambicError, DataError
-from alambic.training.checkpoint import atomic_write_text
 
 # key -> (label shown to the reader, how to format the value)
 METRIC_LABELS: dict[str, tuple[str, str]] = {

@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+from alambic.durable import atomic_write_bytes, fsync_dir
 from alambic.errors import ConfigError, DataError
 
 CACHE_FORMAT = 1
@@ -41,25 +42,6 @@ def request_key(fingerprint: str, messages, sample_index: int) -> str:
     """The cache key: the fingerprint already covers backend, model and sampling parameters."""
     payload = canonical_json({"fingerprint": fingerprint, "messages": list(messages), "sample": sample_index})
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _holds_an_answer(records_path: Path) -> bool:
@@ -114,10 +96,10 @@ class RequestCache:
         if not manifest_path.exists():
             manifest = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "teacher": self.identity,
                         "sampling": self.params, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+            atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
         self._load(records_path)
         self._descriptor = os.open(records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        _fsync_directory(self.folder)
+        fsync_dir(self.folder)
 
     def _take_lock(self) -> None:
         # flock dies with the process, so a kill -9 never leaves a stale lock behind.
@@ -163,7 +145,7 @@ class RequestCache:
         for name in (MANIFEST_FILE, RECORDS_FILE):
             if (self.folder / name).exists():
                 os.replace(self.folder / name, archive / name)
-        _fsync_directory(self.folder)
+        fsync_dir(self.folder)
 
     def _load(self, path: Path) -> None:
         if not path.exists():

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from alambic.generate.cache import write_atomically
+from alambic.durable import atomic_write_bytes
 
 
 def write_table(path: Path, rows: list[dict], file_format: str) -> Path:
@@ -20,15 +20,15 @@ def write_table(path: Path, rows: list[dict], file_format: str) -> Path:
         buffer = io.BytesIO()
         table = arrow.Table.from_pylist(rows) if rows else arrow.table({})
         parquet.write_table(table, buffer)
-        write_atomically(target, buffer.getvalue())
+        atomic_write_bytes(target, buffer.getvalue())
     else:
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        write_atomically(target, text.encode("utf-8"))
+        atomic_write_bytes(target, text.encode("utf-8"))
     return target
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    write_atomically(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return path
 
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alambic.config import dump_config
+from alambic.durable import atomic_write_bytes
 from alambic.generate.backends import make_backend
 from alambic.generate.backends.base import TeacherRequest
 from alambic.generate.backends.openai_backend import read_api_key
-from alambic.generate.cache import RequestCache, request_key, write_atomically
+from alambic.generate.cache import RequestCache, request_key
 from alambic.generate.checks import preflight
 from alambic.generate.config import GenerateConfig
 from alambic.generate.filters import Example, ExampleFilter
@@ -69,7 +70,7 @@ class GenerateRun:
         example_filter = ExampleFilter(self.config.filters)  # reads evaluation sets: fail before any request
         preflight(self.config)  # e.g. teacher.device=cuda without a GPU: before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.run_dir / "config.yaml", dump_config(self.config).encode())
+        atomic_write_bytes(self.run_dir / "config.yaml", dump_config(self.config).encode())
         cache = RequestCache(self.run_dir / "cache", self.identity, self.params,
                              replace_foreign=self.new_cache)
         try:

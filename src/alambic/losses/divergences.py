@@ -38,7 +38,7 @@ import torch.nn.functional as F
 Objective = Literal[
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "cosine"
 ]
-from alambic.objectives import OBJECTIVES  # noqa: E402  (re-exported)
+from alambic.objective_names import OBJECTIVES  # noqa: E402  (re-exported)
 
 
 def _kl_from_logprobs(target_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
@@ -127,8 +127,9 @@ def token_divergence(
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"student has {student_logits.shape[-1]} logits per position and the teacher "
-            f"{teacher_logits.shape[-1]}: trim padded vocabulary rows first "
-            "(alambic.losses.align_vocab) or use a cross-tokenizer objective"
+            f"{teacher_logits.shape[-1]}: trim both to the tokenizer's vocabulary first (StudentModule and "
+            "LiveTeacher take vocab_size; see alambic.models.check_tokenizers_compatible), or, for two "
+            "different tokenizers, use the cross_tokenizer mode"
         )
     if top_k is not None:
         student_logits, teacher_logits = restrict_to_teacher_top_k(

@@ -275,7 +275,8 @@ def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_we
     if teacher_vocab != vocab:
         raise ModelError(
             f"student has {vocab} logits per position and the teacher {teacher_vocab}",
-            hint="trim padded vocabulary rows first (alambic.losses.align_vocab) or use a cross-tokenizer objective",
+            hint="trim both heads to the tokenizer's vocabulary first (StudentModule.head_parameters and LiveTeacher "
+            "take vocab_size; see alambic.models.check_tokenizers_compatible), or use the cross_tokenizer mode",
         )
 
 

@@ -49,12 +49,17 @@ def check_cache_temperature(cache_temperature: float, loss_temperature: float, s
         )
 
 
-def _check_objective(objective: str) -> None:
+def _check_objective(objective: str, top_k: int | None = None) -> None:
     if objective == "cosine":
         raise ConfigError(
             "loss.objective 'cosine' compares raw logits, and a top-k logit cache holds only log-probabilities",
             "use a probability objective with the cache (forward_kl, reverse_kl, jsd, skew_forward_kl, "
             "skew_reverse_kl, tvd) or a live teacher (teacher.model)",
+        )
+    if top_k is not None:
+        raise ConfigError(
+            f"loss.top_k={top_k} cannot apply to a sparse teacher: it already holds only its own top-k tokens",
+            "remove loss.top_k (the cache's k applies)",
         )
 
 
@@ -121,6 +126,7 @@ def sparse_per_token_distillation_loss(
     alpha: float = 0.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    top_k: int | None = None,
     ignore_index: int = -100,
     kd_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -129,9 +135,10 @@ def sparse_per_token_distillation_loss(
     The sparse twin of `per_token_distillation_loss`; the caller masks and reduces.
     `kd_mask` (bool, shape of the positions) marks where the teacher gave a
     distribution; elsewhere kd is 0 and the loss is the CE on the label alone,
-    whatever alpha (the label is the only target there).
+    whatever alpha (the label is the only target there). `top_k` is refused:
+    the sparse teacher's k is fixed by its source.
     """
-    _check_objective(objective)
+    _check_objective(objective, top_k)
     zeros = student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
     kd = zeros
     ce = zeros
@@ -229,6 +236,7 @@ def fused_sparse_distillation_loss(
     alpha: float = 0.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    top_k: int | None = None,
     chunk_size: int = 1024,
     reduction: str = "sum",
     ignore_index: int = -100,
@@ -243,7 +251,7 @@ def fused_sparse_distillation_loss(
     tail_logmass [N] describe the teacher; kd_mask [N] as in
     `sparse_per_token_distillation_loss`. Only "loss" carries a gradient.
     """
-    _check_objective(objective)
+    _check_objective(objective, top_k)
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"fused_sparse_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
     if chunk_size < 1:

@@ -23,6 +23,12 @@ class TeacherSignal:
     - topk_ids / topk_logprobs: [B, L, k] sparse teacher distribution (offline
       cache), log-probabilities at `temperature`; tail_logmass: log(1 - sum p_topk).
     - hidden_states / attentions: per-layer tensors for representation transfer.
+    - components: a teacher that is several teachers (multi-teacher "divergences"
+      mix): the loss is sum_k weight_k * loss(student, signal_k), the weights
+      [B, L] (or [B]) summing to 1 over k; `logits` then holds their mixture,
+      for held-out metrics.
+    - temperature: the temperature a stored signal (top-k log-probabilities)
+      was computed at; the loss refuses it at any other temperature.
     """
 
     logits: torch.Tensor | None = None
@@ -35,6 +41,7 @@ class TeacherSignal:
     temperature: float | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    components: tuple["WeightedSignal", ...] | None = None
     extras: dict = field(default_factory=dict)
 
     def full_logits(self) -> torch.Tensor:
@@ -45,6 +52,14 @@ class TeacherSignal:
             logits = self.hidden.float() @ self.head_weight.float().T
             return logits + self.head_bias.float() if self.head_bias is not None else logits
         raise ValueError("this teacher signal holds no dense logits (it is a sparse top-k signal)")
+
+
+@dataclass
+class WeightedSignal:
+    """One part of a composite signal: a teacher's signal and its per-position weight."""
+
+    signal: TeacherSignal
+    weight: torch.Tensor
 
 
 @dataclass

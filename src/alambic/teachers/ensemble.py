@@ -11,8 +11,9 @@ weighted per position:
 
 With mix "distribution" the loss sees one target, the mixture sum_k w_k p_k,
 handed over as logits T * log(mixture) so that the loss's softmax(. / T)
-gives back exactly the mixture. With mix "divergences" the signal carries its
-own per-position loss, sum_k w_k * loss(student, teacher_k): the CE part is the
+gives back exactly the mixture. With mix "divergences" the signal is
+composite (`TeacherSignal.components`: each member's signal with its weights)
+and the loss computes sum_k w_k * loss(student, teacher_k): the CE part is the
 same for every member and the weights sum to 1, so the total is
 alpha * CE + (1 - alpha) * sum_k w_k * divergence_k.
 
@@ -29,9 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from alambic.errors import DataError
-from alambic.losses import per_token_distillation_loss
-from alambic.losses.sparse import sparse_per_token_distillation_loss
-from alambic.teachers.base import SignalRequest, TeacherSignal
+from alambic.teachers.base import SignalRequest, TeacherSignal, WeightedSignal
 
 
 @dataclass
@@ -100,12 +99,11 @@ class EnsembleTeacher:
     """A `TeacherSource` combining the signals of `members`."""
 
     def __init__(self, members: list[Member], method: str, mix: str, temperature: float, vocab_size: int | None,
-                 loss_options: dict, routes: RouteTable | None = None):
+                 routes: RouteTable | None = None):
         self.members = members
         self.method, self.mix = method, mix
-        self.temperature = temperature
+        self.temperature = temperature  # the loss temperature: members are mixed as distributions at T
         self.vocab_size = vocab_size
-        self.loss_options = loss_options
         self.routes = routes
         self.name = f"ensemble of {', '.join(m.name for m in members)} ({method} weights, {mix} mix)"
 
@@ -136,28 +134,5 @@ class EnsembleTeacher:
         signal = TeacherSignal(logits=mixture_logits(logprobs, weights, self.temperature))
         signal.extras["member_weights"] = weights
         if self.mix == "divergences":
-            signal.extras["per_token_loss"] = self._divergences_loss(signals, weights)
+            signal.components = tuple(WeightedSignal(one, weight) for one, weight in zip(signals, weights))
         return signal
-
-    def _divergences_loss(self, signals: list[TeacherSignal], weights: torch.Tensor):
-        options = dict(self.loss_options)
-        sparse_options = {k: v for k, v in options.items() if k != "top_k"}
-
-        def per_token_loss(student_logits, labels, shift: bool) -> dict:
-            total: dict = {}
-            for signal, weight in zip(signals, weights):
-                if not bool(weight.any()):
-                    continue  # no position of this batch is routed to this teacher
-                cut = (lambda t: t[:, :-1]) if shift else (lambda t: t)
-                if signal.topk_ids is not None:
-                    per = sparse_per_token_distillation_loss(
-                        student_logits, cut(signal.topk_ids), cut(signal.topk_logprobs), cut(signal.tail_logmass),
-                        labels, **sparse_options,
-                    )
-                else:
-                    per = per_token_distillation_loss(student_logits, cut(signal.full_logits()), labels, **options)
-                for name, values in per.items():
-                    total[name] = total.get(name, 0.0) + cut(weight) * values
-            return total
-
-        return per_token_loss

@@ -22,38 +22,6 @@ from alambic.teachers.base import SignalRequest, TeacherSignal
 API_TEMPERATURE = 1.0
 
 
-def check_record_logprobs_config(config) -> None:
-    """Refuse settings the stored logprobs cannot serve, before any model is loaded."""
-    data, loss = config.data, config.loss
-    where = f"data.logprobs_column={data.logprobs_column!r}"
-    if data.format != "prompt_completion":
-        raise ConfigError(f"{where} needs data.format: prompt_completion (got {data.format!r})",
-                          "write the generated data with output.student_format: prompt_completion")
-    if data.packing:
-        raise ConfigError(f"{where} does not work with data.packing", "set data.packing: false")
-    if abs(loss.temperature - API_TEMPERATURE) > 1e-6:
-        raise ConfigError(
-            f"{where}: the stored teacher logprobs are at temperature {API_TEMPERATURE}, but loss.temperature "
-            f"is {loss.temperature}; a top-k distribution cannot be re-tempered",
-            f"set loss.temperature={API_TEMPERATURE}, or distil from a teacher model (teacher.model) instead",
-        )
-    if loss.objective == "cosine":
-        raise ConfigError(f"{where}: loss.objective 'cosine' needs the teacher's raw logits",
-                          "use forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd")
-    conflicts = [name for name, used in (
-        ("teachers", bool(config.teachers)), ("self_distill", config.self_distill is not None),
-        ("co_distill", config.co_distill is not None), ("cross_tokenizer", config.cross_tokenizer is not None),
-        ("representation", config.representation is not None),
-        ("rollout.policy", config.rollout.policy != "off_policy"),
-    ) if used]
-    if conflicts:
-        raise ConfigError(
-            f"{where} (the teacher is the stored logprobs) cannot be combined with {', '.join(conflicts)}: "
-            "they bring their own teacher or replace the teacher's completions",
-            "remove those sections, or remove data.logprobs_column",
-        )
-
-
 class RecordLogprobTeacher:
     """A `TeacherSource` reading the sparse teacher distribution from the batch itself."""
 

@@ -10,7 +10,6 @@ one. Weights are safetensors; optimizer/scheduler/RNG states are loaded with
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -19,32 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from alambic.durable import atomic_dir
+
 CHECKPOINT_PREFIX = "step-"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole text file or nothing: temp file, fsync, rename."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
 
 
 def rng_state() -> dict:
@@ -76,25 +52,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, step: int, module, optimizer, scheduler, extra: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically and prune all but the last `keep_last`."""
-    folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    temporary = folder / f".tmp-{final.name}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    save_model(module, str(temporary / "model.safetensors"))
-    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-    torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
-    torch.save(_rng_as_tensors(rng_state()), temporary / "rng.pt")
-    (temporary / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-    for child in temporary.iterdir():
-        fsync_file(child)
-    fsync_dir(temporary)
-    if final.exists():  # re-saving a step after a resume: replace it whole
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    fsync_dir(folder)
+    final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+    # Re-saving a step after a resume replaces it whole.
+    with atomic_dir(final) as temporary:
+        save_model(module, str(temporary / "model.safetensors"))
+        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
+        torch.save(_rng_as_tensors(rng_state()), temporary / "rng.pt")
+        (temporary / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

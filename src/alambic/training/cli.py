@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
-import os
 
+from alambic.compat import check_compatible
 from alambic.config import DistillConfig, load_config
 
 
@@ -38,6 +39,8 @@ def register(app: typer.Typer) -> None:
         from alambic.output import config_summary, full_config_text, is_verbose
 
         resolved = load_config(config, overrides or [], config_model_for(config))
+        if isinstance(resolved, DistillConfig):
+            check_compatible(resolved)  # modes and features that cannot be combined, before anything loads
         if is_verbose():
             typer.echo(full_config_text(resolved))
         elif isinstance(resolved, DistillConfig):

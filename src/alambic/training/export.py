@@ -7,12 +7,10 @@ only the Hugging Face model inside the StudentModule is saved.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from alambic.config import DistillConfig
-from alambic.training.checkpoint import fsync_dir
+from alambic.durable import atomic_dir
 
 
 def model_card(config: DistillConfig, teacher_name: str | None, metrics: dict, parameters: int) -> str:
@@ -50,19 +48,11 @@ The full resolved configuration is in `config.yaml` next to this folder.
 
 def export_student(student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name) -> Path:
     """Write run_dir/final atomically (temp folder, then rename)."""
-    final = Path(run_dir) / "final"
-    temporary = Path(run_dir) / f".tmp-final-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
     model = student_module.model
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    parameters = sum(p.numel() for p in model.parameters())
-    (temporary / "README.md").write_text(model_card(config, teacher_name, metrics, parameters))
-    (temporary / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-    fsync_dir(temporary)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    fsync_dir(Path(run_dir))
-    return final
+    with atomic_dir(Path(run_dir) / "final") as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
+        parameters = sum(p.numel() for p in model.parameters())
+        (temporary / "README.md").write_text(model_card(config, teacher_name, metrics, parameters))
+        (temporary / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return Path(run_dir) / "final"

@@ -10,6 +10,7 @@ and which data. The loop itself never changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,18 +21,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from alambic.compat import check_compatible
 from alambic.config import DistillConfig
 from alambic.output import describe_config
 from alambic.data import build_datasets, collate
+from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
 from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.training.evaluation import evaluate
 from alambic.training.export import export_student
-from alambic.training.objective import loss_positions, loss_sums
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
 from alambic.training.setup import build_models
+from alambic.training.step_loss import loss_positions, loss_sums
 
 
 _DEBUG_STEP_SLEEP = float(os.environ.get("ALAMBIC_DEBUG_STEP_SLEEP", "0") or 0)
@@ -60,6 +62,7 @@ def run_distillation(
 ) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
+    check_compatible(config)
     checkpoint = inspect_run_dir(config, overwrite, resume)
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
@@ -109,7 +112,7 @@ def run_distillation(
         for micro, batch in enumerate(batches):
             input_tokens += int(batch["attention_mask"].sum())
             last_micro = micro == len(batches) - 1
-            with accelerator.no_sync(student) if not last_micro else _nullcontext():
+            with accelerator.no_sync(student) if not last_micro else contextlib.nullcontext():
                 sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
                 # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
                 scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
@@ -173,14 +176,6 @@ def _count_across_ranks(accelerator, local_count: int) -> int:
     return int(total.item())
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
@@ -221,7 +216,7 @@ def _truncate_history(path: Path, step: int, is_main: bool) -> None:
     if not is_main or not path.exists():
         return
     kept = [r for r in _read_history(path) if r.get("step", 0) <= step]
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -18,7 +18,6 @@ checkpoint when it saves any).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from alambic.config import DistillConfig, StudentConfig, Strict, TeacherConfig, apply_overrides, format_validation_error
 from alambic.config_overrides import flatten_dotted
+from alambic.durable import atomic_dir, atomic_write_text
 from alambic.errors import ConfigError
-from alambic.training.checkpoint import atomic_write_text
 
 RESERVED_RUN_KEYS = ("teacher", "student", "teachers")
 
@@ -119,12 +118,9 @@ def build_fresh_student(teacher_folder: str, architecture: dict, task: str, seed
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     model = auto.from_config(model_config)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    AutoTokenizer.from_pretrained(teacher_folder).save_pretrained(temporary)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(temporary, target)
+    with atomic_dir(target) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        AutoTokenizer.from_pretrained(teacher_folder).save_pretrained(temporary)
     return target
 
 
@@ -144,8 +140,8 @@ def _evaluate_against(spec, teacher_model, config: DistillConfig, device) -> dic
     from alambic.data import build_datasets
     from alambic.models import load_model, load_tokenizer
     from alambic.teachers.live import LiveTeacher
-    from alambic.training.evaluation import evaluate
-    from alambic.training.module import StudentModule
+    from alambic.evaluate.heldout import evaluate
+    from alambic.models.module import StudentModule
 
     tokenizer = load_tokenizer(spec, role="student")
     _, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)

@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 
 from alambic.config import DistillConfig, dump_config
+from alambic.durable import atomic_write_text
 from alambic.errors import ConfigError
-from alambic.training.checkpoint import atomic_write_text, list_checkpoints
+from alambic.training.checkpoint import list_checkpoints
 
 # Keys that do not change what a run computes, so changing them is not "a different run".
 COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers")}

@@ -1,4 +1,10 @@
-"""Build what a run needs from its config: student, teacher signal source, tokenizer."""
+"""Build what a run needs from its config: student, teacher signal source, tokenizer, mode hooks.
+
+The order is fixed and explicit: load the models; let the one mode that brings
+its own teacher provide it (training/modes), else take the config's teacher
+section (a live model, a logit cache, or logprobs stored in the data); then let
+every mode add its terms, rollout and hooks.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,15 @@ from dataclasses import dataclass, field
 from alambic.config import DistillConfig
 from alambic.errors import ModelError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
+from alambic.models.module import StudentModule
 from alambic.teachers.live import LiveTeacher
-from alambic.training.modes import configure_modes
-from alambic.training.module import StudentModule
+from alambic.training.modes import TeacherChoice, choose_teacher, configure_modes
 
 
 @dataclass
-class RunModels:
+class RunSetup:
+    """Everything a run is assembled from before the loop starts: models, teacher source, mode hooks."""
+
     student: StudentModule
     teacher: object | None
     tokenizer: object
@@ -31,6 +39,13 @@ class RunModels:
     vocab_size: int | None = None
     device: object = None
 
+    def use_teacher(self, choice: TeacherChoice) -> None:
+        self.teacher, self.teacher_name, self.teacher_evaluable = choice.source, choice.name, choice.evaluable
+        if choice.model is not None:
+            self.teacher_model = choice.model
+        if choice.tokenizer is not None:
+            self.teacher_tokenizer = choice.tokenizer
+
     def bind_teacher(self, train_data):
         """Sources tied to a dataset (an offline cache) check it is the same data."""
         bind = getattr(self.teacher, "bind", None)
@@ -45,21 +60,32 @@ def _student_model(config: DistillConfig, teacher_model):
 
         init = config.student.from_teacher
         total = teacher_model.config.num_hidden_layers
-        strategy = init.layers if isinstance(init.layers, list) else init.layers
-        keep = init.num_layers or max(1, total // 2)
-        indices = layer_indices_for(total, keep, strategy) if not isinstance(strategy, list) else strategy
-        return select_layers(teacher_model, indices)
+        keep = init.num_layers or (None if init.every_k is not None else max(1, total // 2))
+        return select_layers(teacher_model, layer_indices_for(total, keep, init.layers, init.every_k))
     return load_model(config.student, config.task, role="student")
 
 
-def build_models(config: DistillConfig, device) -> RunModels:
+def _config_teacher(config: DistillConfig, teacher_model, vocab_size) -> TeacherChoice:
+    """The teacher of the config's own sections, when no mode brings one."""
     teacher_cfg = config.teacher
-    record_teacher = None
-    if teacher_cfg is None and config.data.logprobs_column is not None:  # the teacher's logprobs are in the data
-        from alambic.teachers.record_logprobs import RecordLogprobTeacher, check_record_logprobs_config
+    if teacher_model is not None:
+        return TeacherChoice(LiveTeacher(teacher_model, vocab_size), teacher_cfg.model, True, teacher_model)
+    if teacher_cfg is not None and teacher_cfg.cache is not None:
+        from alambic.teachers.cached import CachedTeacher
 
-        check_record_logprobs_config(config)  # before any model loads
+        return TeacherChoice(CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}", False)
+    if config.data.logprobs_column is not None:  # the teacher's logprobs are in the data
+        from alambic.teachers.record_logprobs import RecordLogprobTeacher
+
+        # A top-k on the records' own tokens only: not evaluable on other text.
         record_teacher = RecordLogprobTeacher(config.data.logprobs_column)
+        return TeacherChoice(record_teacher, record_teacher.name, False)
+    return TeacherChoice(None, None, False)
+
+
+def build_models(config: DistillConfig, device, mode_order=None) -> RunSetup:
+    """`mode_order`: the order modes are applied in (tests only: the result does not depend on it)."""
+    teacher_cfg = config.teacher
     teacher_model = teacher_tokenizer = None
     if teacher_cfg is not None and teacher_cfg.model is not None:
         teacher_tokenizer = load_tokenizer(teacher_cfg, role="teacher")
@@ -77,20 +103,12 @@ def build_models(config: DistillConfig, device) -> RunModels:
             vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_model, student_model)
     elif teacher_model is not None:
         _check_same_classes(teacher_model, student_model)
-    teacher, evaluable, name = None, False, None
-    if teacher_model is not None:
-        teacher, evaluable, name = LiveTeacher(teacher_model, vocab_size), True, teacher_cfg.model
-    elif teacher_cfg is not None and teacher_cfg.cache is not None:
-        from alambic.teachers.cached import CachedTeacher
-
-        teacher, name = CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}"
-    elif record_teacher is not None:  # a top-k on the records' own tokens only: not evaluable on other text
-        teacher, name = record_teacher, record_teacher.name
     student = StudentModule(student_model, vocab_size).to(device)
-    setup = RunModels(student, teacher, tokenizer, name, evaluable, config)
+    setup = RunSetup(student, None, tokenizer, None, False, config)
     setup.teacher_model, setup.teacher_tokenizer = teacher_model, teacher_tokenizer
     setup.vocab_size, setup.device = vocab_size, device
-    configure_modes(setup, config)  # modes may swap the teacher, add rollouts, terms, hooks
+    setup.use_teacher(choose_teacher(setup, config, mode_order) or _config_teacher(config, teacher_model, vocab_size))
+    configure_modes(setup, config, mode_order)  # terms, rollouts, hooks
     setup.student.to(device)  # auxiliary modules added by modes follow the student
     return setup
 

@@ -17,8 +17,7 @@ run_dir/peers/peer-<k>/ (safetensors + tokenizer).
 
 from __future__ import annotations
 
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,16 +25,16 @@ from torch import nn
 
 from alambic.config import ModelConfig
 from alambic.data import IGNORE
+from alambic.durable import atomic_dir
 from alambic.errors import ConfigError
+from alambic.losses.options import LossOptions
 from alambic.models import check_tokenizers_compatible, load_model, load_tokenizer
+from alambic.models.module import StudentModule
 from alambic.teachers.base import SignalRequest, TeacherSignal
 from alambic.teachers.ensemble import mixture_logits
-from alambic.training.checkpoint import fsync_dir
-from alambic.training.module import StudentModule
-from alambic.training.objective import loss_options, student_module
+from alambic.training.modes.base import TeacherChoice
 
 PEERS_KEY = "peers"
-PEER_LOGITS = "_peer_logits"
 
 
 def mean_mixture(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -50,22 +49,29 @@ def others_mixture(logits: list[torch.Tensor], index: int, temperature: float) -
     return mean_mixture([model_logits for k, model_logits in enumerate(logits) if k != index], temperature)
 
 
+@dataclass
+class PeerSignal(TeacherSignal):
+    """The student's target (`logits`: the peers' detached mixture) and each peer's own logits, with
+    gradients: the peers' loss (PeerTerm) reads them from the step instead of running the peers again."""
+
+    peer_logits: tuple[torch.Tensor, ...] = ()
+
+
 class CoDistillTeacher:
     """The student's signal source: runs every peer (with gradients, for the peers' own loss)
     and hands the student the peers' detached mixture."""
 
     name = "co-distillation peers"
 
-    def __init__(self, student: StudentModule, temperature: float):
+    def __init__(self, student: StudentModule, options: LossOptions):
         self.student = student
-        self.temperature = temperature
+        self.options = options
 
-    def __call__(self, batch: dict, request: SignalRequest | None = None) -> TeacherSignal:
+    def __call__(self, batch: dict, request: SignalRequest | None = None) -> PeerSignal:
         peers = self.student.auxiliary[PEERS_KEY]
         inputs = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-        logits = [peer(*inputs)["logits"] for peer in peers]
-        batch[PEER_LOGITS] = logits  # the peers' loss (PeerTerm) reuses this forward
-        return TeacherSignal(logits=mean_mixture(logits, self.temperature))
+        logits = tuple(peer(*inputs)["logits"] for peer in peers)
+        return PeerSignal(logits=mean_mixture(list(logits), self.options.temperature), peer_logits=logits)
 
 
 def _student_logits(module: StudentModule, outputs: dict) -> torch.Tensor:
@@ -80,25 +86,26 @@ def _student_logits(module: StudentModule, outputs: dict) -> torch.Tensor:
 class PeerTerm:
     """Each peer's loss against the mixture of all other models (the student included)."""
 
-    def __init__(self, task: str, weight: float, options: dict):
+    name = "peer_loss"
+
+    def __init__(self, task: str, weight: float, options: LossOptions):
         self.task, self.weight, self.options = task, weight, options
 
-    def __call__(self, student, batch: dict, teacher) -> dict:
+    def __call__(self, step) -> dict:
         from alambic.losses import per_token_distillation_loss
 
-        module = student_module(student)
-        peer_logits = batch.pop(PEER_LOGITS)
-        models = [_student_logits(module, batch["_student_outputs"])] + list(peer_logits)
+        batch, options = step.batch, self.options.kwargs()
+        models = [_student_logits(step.module, step.outputs)] + list(step.signal.peer_logits)
         total = 0.0
         for index in range(1, len(models)):
-            target = others_mixture(models, index, self.options["temperature"])
+            target = others_mixture(models, index, self.options.temperature)
             if self.task == "sequence_classification":
-                per = per_token_distillation_loss(models[index], target, batch["labels"], **self.options)
+                per = per_token_distillation_loss(models[index], target, batch["labels"], **options)
                 total = total + per["loss"].sum()
             else:
                 labels = batch["labels"][:, 1:]
                 mask = labels != IGNORE
-                per = per_token_distillation_loss(models[index][:, :-1], target[:, :-1], labels, **self.options)
+                per = per_token_distillation_loss(models[index][:, :-1], target[:, :-1], labels, **options)
                 total = total + (per["loss"] * mask).sum()
         scaled = self.weight * total
         return {"loss": scaled, "peer_loss": scaled}
@@ -112,17 +119,10 @@ class SavePeers:
 
     def __call__(self, student_module_, run_dir) -> None:
         root = Path(run_dir) / "peers"
-        root.mkdir(parents=True, exist_ok=True)
         for index, peer in enumerate(student_module_.auxiliary[PEERS_KEY]):
-            final = root / f"peer-{index}"
-            temporary = root / f".tmp-peer-{index}-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            peer.model.save_pretrained(temporary, safe_serialization=True)
-            self.tokenizer.save_pretrained(temporary)
-            fsync_dir(temporary)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-        fsync_dir(root)
+            with atomic_dir(root / f"peer-{index}") as temporary:
+                peer.model.save_pretrained(temporary, safe_serialization=True)
+                self.tokenizer.save_pretrained(temporary)
 
 
 def _load_peer(path: str, index: int, setup, config) -> StudentModule:
@@ -142,23 +142,21 @@ def _load_peer(path: str, index: int, setup, config) -> StudentModule:
     return StudentModule(model.train(), setup.vocab_size)
 
 
+def teacher(setup, config) -> TeacherChoice | None:
+    """The peers, loaded beside the student; their mixture teaches the student."""
+    co_cfg = config.co_distill
+    if co_cfg is None:
+        return None
+    peers = nn.ModuleList(_load_peer(path, k, setup, config) for k, path in enumerate(co_cfg.peers))
+    setup.student.auxiliary[PEERS_KEY] = peers
+    name = f"co-distillation with {len(peers)} peer(s): {', '.join(co_cfg.peers)}"
+    # The peers change every step: held-out KL to them means little.
+    return TeacherChoice(CoDistillTeacher(setup.student, LossOptions.from_config(config.loss)), name, evaluable=False)
+
+
 def configure(setup, config) -> None:
     co_cfg = config.co_distill
     if co_cfg is None:
         return
-    for name, present in (("teacher", config.teacher is not None), ("teachers", bool(config.teachers)),
-                          ("cross_tokenizer", config.cross_tokenizer is not None)):
-        if present:
-            raise ConfigError(
-                f"co_distill is set together with {name}: in co-distillation the models teach each other",
-                f"remove {name} (or co_distill)",
-            )
-    if setup.teacher is not None:  # another mode (self-distillation) already chose the teacher
-        raise ConfigError("co_distill cannot be combined with a self_distill teacher", "set self_distill.teacher: none")
-    peers = nn.ModuleList(_load_peer(path, k, setup, config) for k, path in enumerate(co_cfg.peers))
-    setup.student.auxiliary[PEERS_KEY] = peers
-    setup.teacher = CoDistillTeacher(setup.student, config.loss.temperature)
-    setup.teacher_name = f"co-distillation with {len(peers)} peer(s): {', '.join(co_cfg.peers)}"
-    setup.teacher_evaluable = False  # the peers change every step: held-out KL to them means little
-    setup.extra_terms.append(PeerTerm(config.task, co_cfg.weight, loss_options(config.loss)))
+    setup.extra_terms.append(PeerTerm(config.task, co_cfg.weight, LossOptions.from_config(config.loss)))
     setup.after_train.append(SavePeers(setup.tokenizer))

@@ -6,7 +6,11 @@ Plugs into the one loop like every mode:
 - an extra term runs the teacher on its own tokenization of the same text
   (`CrossTokenizerTeacher`), aligns positions through character offsets and
   adds the cross-tokenizer divergence (ULD or token-aligned KL) so that the
-  total is `alpha * CE + (1 - alpha) * divergence`, as in plain KD.
+  total is `alpha * CE + (1 - alpha) * divergence`, as in plain KD. It reads
+  the student's logits from the main path's forward (no second forward).
+
+The teacher model is loaded once, by build_models; no live-teacher source is
+built for the main path (this mode provides "no main-path teacher").
 
     alambic distill configs/cross_tokenizer.yaml
 """
@@ -22,9 +26,10 @@ from alambic.data import IGNORE
 from alambic.errors import ConfigError
 from alambic.losses import token_cross_entropy
 from alambic.losses.cross_tokenizer import projected_teacher_kl, uld_distance
+from alambic.losses.options import LossOptions
 from alambic.models.alignment import align_positions, char_ends, same_vocabulary, student_row_ends, vocabulary_map
 from alambic.teachers.base import SignalRequest, TeacherSignal
-from alambic.training.objective import student_module
+from alambic.training.modes.base import TeacherChoice
 
 
 class CrossTokenizerTeacher:
@@ -83,24 +88,23 @@ class CrossTokenizerTerm:
     `loss.alpha` means what it means in plain KD.
     """
 
-    def __init__(self, source: CrossTokenizerTeacher, method: str, alpha: float, temperature: float, vocab_map=None):
+    name = "cross_tokenizer"
+
+    def __init__(self, source: CrossTokenizerTeacher, method: str, options: LossOptions, vocab_map=None):
         self.source = source
         self.method = method
-        self.alpha = alpha
-        self.temperature = temperature
+        self.options = options
         self.vocab_map = vocab_map
 
     def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         if self.method == "uld":
-            return uld_distance(student_logits, teacher_logits, self.temperature)
-        return projected_teacher_kl(student_logits, teacher_logits, self.vocab_map, self.temperature)
+            return uld_distance(student_logits, teacher_logits, self.options.temperature)
+        return projected_teacher_kl(student_logits, teacher_logits, self.vocab_map, self.options.temperature)
 
-    def __call__(self, student, batch: dict, teacher=None) -> dict:
+    def __call__(self, step) -> dict:
+        batch = step.batch
         signal = self.source(batch, SignalRequest())
-        # The unwrapped module: a second forward through a DDP wrapper in one step would confuse its
-        # gradient hooks; autograd still sums both paths into each parameter's gradient once.
-        module = student_module(student)
-        logits = module(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))["logits"]
+        logits = step.logits()  # the main path's forward: same inputs, so no second student forward
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE
         row_weight = batch["weight"] if "weight" in batch else torch.ones(labels.shape[0], device=labels.device)
@@ -113,38 +117,8 @@ class CrossTokenizerTerm:
         rows, student_pos, teacher_pos = rows[carries], student_pos[carries], teacher_pos[carries]
         values = self.divergence(logits[rows, student_pos], signal.logits[rows, teacher_pos])
         divergence_sum = (values * row_weight[rows]).sum()
-        total = (1.0 - self.alpha) * (divergence_sum - ce_sum)
+        total = (1.0 - self.options.alpha) * (divergence_sum - ce_sum)
         return {"loss": total, "kd": divergence_sum.detach(), "xt_aligned": torch.tensor(float(rows.numel()))}
-
-
-def _reject_unsupported(config) -> None:
-    """Modes whose signal is tied to one vocabulary or one tokenization cannot cross tokenizers."""
-    problems = []  # (what, why, fix)
-    if config.task != "causal_lm":
-        problems.append(("task", "classifiers share their classes, not tokens", "remove cross_tokenizer"))
-    if config.teacher is None or config.teacher.model is None:
-        problems.append(("teacher.model missing", "a live teacher model must run on its own tokens",
-                         "set teacher.model (a logit cache holds teacher-vocabulary ids on the student's tokens)"))
-    elif config.teacher.cache is not None:
-        problems.append(("teacher.cache", "a logit cache is indexed by the student's tokens", "remove teacher.cache"))
-    if config.student.from_teacher is not None:
-        problems.append(("student.from_teacher", "a student built from the teacher shares its tokenizer",
-                         "give student.model with its own tokenizer, or remove cross_tokenizer"))
-    if config.loss.alpha >= 1.0:
-        problems.append(("loss.alpha = 1", "alpha is the CE weight, so the teacher would get no weight",
-                         "set loss.alpha below 1 (e.g. 0.5)"))
-    if config.loss.top_k is not None:
-        problems.append(("loss.top_k", "it picks teacher token ids the student does not have", "remove loss.top_k"))
-    if config.data.packing:
-        problems.append(("data.packing", "the text of each row must be recovered on its own", "set data.packing: false"))
-    if config.rollout.policy != "off_policy":
-        problems.append(("rollout.policy", "rollouts score samples in one vocabulary", "use rollout.policy: off_policy"))
-    for section in ("teachers", "ensemble", "representation", "self_distill", "co_distill"):
-        if getattr(config, section):
-            problems.append((section, "it compares tensors of one tokenization", f"remove {section} or cross_tokenizer"))
-    if problems:
-        what, why, fix = problems[0]
-        raise ConfigError(f"cross_tokenizer cannot be used with {what}: {why}", f"{fix}; see docs/modes.md#cross-tokenizer")
 
 
 def _teacher_tokenizer(setup, config):
@@ -162,11 +136,11 @@ def _teacher_tokenizer(setup, config):
     return load_tokenizer(ModelConfig(model=str(Path(path).expanduser()), trust_remote_code=trust), role="teacher")
 
 
-def configure(setup, config) -> None:
+def teacher(setup, config) -> TeacherChoice | None:
+    """No teacher for the main logit path (its vocabulary differs): the teacher runs inside the term."""
     section = config.cross_tokenizer
     if section is None:
-        return
-    _reject_unsupported(config)
+        return None
     teacher_tokenizer = _teacher_tokenizer(setup, config)
     if teacher_tokenizer is None or setup.teacher_model is None:
         raise ConfigError(
@@ -184,14 +158,18 @@ def configure(setup, config) -> None:
             f"the teacher model has {rows} output rows but its tokenizer {len(teacher_tokenizer)} tokens",
             "set cross_tokenizer.teacher_tokenizer to the tokenizer the teacher was trained with",
         )
+    # The main logit path and the held-out KL compare logits token id by token id: no teacher there.
+    return TeacherChoice(None, config.teacher.model, evaluable=False, tokenizer=teacher_tokenizer)
+
+
+def configure(setup, config) -> None:
+    section = config.cross_tokenizer
+    if section is None:
+        return
+    teacher_tokenizer = setup.teacher_tokenizer
     source = CrossTokenizerTeacher(setup.teacher_model, teacher_tokenizer, setup.tokenizer, setup.teacher_name or "teacher")
     vocab_map = vocabulary_map(teacher_tokenizer, setup.tokenizer) if section.method == "align" else None
-    term = CrossTokenizerTerm(source, section.method, config.loss.alpha, config.loss.temperature, vocab_map)
-    setup.extra_terms.append(term)
-    # The main logit path and the held-out KL compare logits token id by token id: off in this mode.
-    setup.teacher = None
-    setup.teacher_evaluable = False
-    setup.teacher_tokenizer = teacher_tokenizer
+    setup.extra_terms.append(CrossTokenizerTerm(source, section.method, LossOptions.from_config(config.loss), vocab_map))
 
 
 def build_demo_student(tiny_folder: str | Path, vocab_size: int = 300) -> Path:

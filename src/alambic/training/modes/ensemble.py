@@ -15,7 +15,7 @@ from alambic.errors import ConfigError, DataError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.teachers.ensemble import EnsembleTeacher, Member, RouteTable
 from alambic.teachers.live import LiveTeacher
-from alambic.training.objective import loss_options
+from alambic.training.modes.base import TeacherChoice
 
 
 def teacher_names(teachers) -> list[str]:
@@ -53,11 +53,6 @@ def _cached_member(teacher_cfg):
 def build_route_table(config, tokenizer, names: list[str], column: str) -> RouteTable:
     """Read the data files once more and key each record's token ids to the teacher its column names."""
     data_cfg = config.data
-    if data_cfg.packing:
-        raise ConfigError(
-            "ensemble.method 'route' sends each data row to one teacher, but data.packing mixes records in a row",
-            "set data.packing: false",
-        )
     encode = ENCODERS[data_cfg.format]
     routes: dict[tuple[int, ...], int] = {}
     for source in [data_cfg.train] + ([data_cfg.eval] if data_cfg.eval else []):
@@ -82,35 +77,13 @@ def build_route_table(config, tokenizer, names: list[str], column: str) -> Route
     return RouteTable(routes, column)
 
 
-def _check_combination(config) -> EnsembleConfig:
+def teacher(setup, config) -> TeacherChoice | None:
+    """The teachers of the `teachers:` list, combined as `ensemble:` says."""
     if not config.teachers:
-        raise ConfigError("an ensemble section needs a `teachers:` list", "list the teachers, each with model or cache")
-    if config.teacher is not None:
-        raise ConfigError(
-            "both `teacher:` and `teachers:` are set",
-            "put every teacher in the teachers: list (with weight and name), and remove teacher:",
-        )
-    if config.cross_tokenizer is not None:
-        raise ConfigError(
-            "multi-teacher mixing needs every teacher on the student's tokenizer; cross_tokenizer is set",
-            "remove cross_tokenizer, or distil from one teacher",
-        )
+        return None
     if sum(t.weight for t in config.teachers) <= 0:
         raise ConfigError("every teacher has weight 0", "give at least one teacher a positive weight")
     ensemble = config.ensemble or EnsembleConfig()
-    if ensemble.method == "route" and config.rollout.policy != "off_policy":
-        raise ConfigError(
-            f"ensemble.method 'route' reads each row's teacher from the data, and rollout.policy "
-            f"{config.rollout.policy!r} replaces the rows' completions",
-            "use method fixed or confidence with rollouts",
-        )
-    return ensemble
-
-
-def configure(setup, config) -> None:
-    if not config.teachers and config.ensemble is None:
-        return
-    ensemble = _check_combination(config)
     names = teacher_names(config.teachers)
     members = [
         Member(name, _live_member(t, k, setup, config) if t.model is not None else _cached_member(t), t.weight)
@@ -119,10 +92,6 @@ def configure(setup, config) -> None:
     routes = None
     if ensemble.method == "route":
         routes = build_route_table(config, setup.tokenizer, names, ensemble.route_column)
-    setup.teacher = EnsembleTeacher(
-        members, ensemble.method, ensemble.mix, config.loss.temperature, setup.vocab_size,
-        loss_options(config.loss), routes,
-    )
-    setup.teacher_name = setup.teacher.name
+    source = EnsembleTeacher(members, ensemble.method, ensemble.mix, config.loss.temperature, setup.vocab_size, routes)
     # Held-out KL needs a dense signal on any text; a logit cache only covers its own rows.
-    setup.teacher_evaluable = all(t.model is not None for t in config.teachers)
+    return TeacherChoice(source, source.name, evaluable=all(t.model is not None for t in config.teachers))

@@ -31,13 +31,12 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from alambic.data import IGNORE
-from alambic.training.modes.rollouts import (
+from alambic.training.sampling import (
     eval_mode, left_pad, prompt_lengths, rebuild_batch, rollout_seed, split_prompts,
 )
 
@@ -168,19 +167,29 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 
-def long_term_term(student, batch: dict, teacher, length_normalize: bool = True) -> dict:
+class LongTermTerm:
     """Extra loss term (sums over the sampled tokens) for batches the MiniLLM rollout produced."""
-    if "rollout_teacher_logprob" not in batch:
-        zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
-        return {"loss": zero}
-    logits = student(batch["input_ids"], batch["attention_mask"])["logits"][:, :-1]
-    labels = batch["labels"][:, 1:]
-    per_token = long_term_surrogate(
-        _token_logprobs(logits, labels), batch["rollout_teacher_logprob"][:, 1:], batch["token_weight"][:, 1:],
-        labels != IGNORE, length_normalize,
-    )
-    total = per_token.sum()
-    return {"loss": total, "minillm_long_term": total.detach()}
+
+    name = "minillm_long_term"
+
+    def __init__(self, length_normalize: bool = True):
+        self.length_normalize = length_normalize
+
+    def __call__(self, step) -> dict:
+        batch = step.batch
+        if "rollout_teacher_logprob" not in batch:
+            zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
+            return {"loss": zero}
+        # The main path's forward ran on this very batch (the importance weights keep it off the fused
+        # path, so its logits exist): log q(y_t) comes from it, not from a second student forward.
+        logits = step.logits()[:, :-1]
+        labels = batch["labels"][:, 1:]
+        per_token = long_term_surrogate(
+            _token_logprobs(logits, labels), batch["rollout_teacher_logprob"][:, 1:], batch["token_weight"][:, 1:],
+            labels != IGNORE, self.length_normalize,
+        )
+        total = per_token.sum()
+        return {"loss": total, "minillm_long_term": total.detach()}
 
 
 # ----------------------------------------------------------------------------- the rollout
@@ -225,7 +234,7 @@ class MiniLLMRollout:
 
 
 def configure_minillm(setup, config) -> MiniLLMRollout:
-    setup.extra_terms.append(partial(long_term_term, length_normalize=config.rollout.length_normalize))
+    setup.extra_terms.append(LongTermTerm(config.rollout.length_normalize))
     return MiniLLMRollout(setup, config)
 
 

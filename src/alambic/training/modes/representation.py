@@ -34,7 +34,6 @@ from alambic.losses.representation import (
     sample_relation_mse,
     token_relation_mse,
 )
-from alambic.training.objective import student_module
 
 AUXILIARY_KEY = "representation"
 
@@ -103,6 +102,8 @@ def _final_states(outputs: dict, signal) -> tuple[torch.Tensor, torch.Tensor]:
 class RepresentationTerm:
     """The extra loss term: sums over loss positions of every configured feature loss."""
 
+    name = "representation"
+
     def __init__(self, rep_cfg, task: str, hidden_map: dict, attention_map: dict, relation_map: dict):
         self.cfg = rep_cfg
         self.task = task
@@ -113,9 +114,9 @@ class RepresentationTerm:
         if attention_map:
             self.needs |= {"student_attentions", "teacher_attentions"}
 
-    def __call__(self, student, batch: dict, teacher) -> dict:
-        outputs, signal = batch["_student_outputs"], batch["_teacher_signal"]
-        projections = student_module(student).auxiliary[AUXILIARY_KEY]
+    def __call__(self, step) -> dict:
+        batch, outputs, signal = step.batch, step.outputs, step.signal
+        projections = step.module.auxiliary[AUXILIARY_KEY]
         weights = position_weights(batch, self.task)
         key_mask = batch["attention_mask"]
         sums = {}
@@ -173,21 +174,6 @@ def _use_eager_attention(model, role: str) -> None:
         )
 
 
-def _check_teacher(setup, config) -> None:
-    if config.cross_tokenizer is not None:
-        raise ConfigError(
-            "representation transfer compares student and teacher positions token by token, "
-            "which needs one shared tokenizer; cross_tokenizer is set",
-            "remove the representation section, or use a teacher with the student's tokenizer",
-        )
-    if setup.teacher_model is None:
-        raise ConfigError(
-            "representation transfer needs the hidden states of one live teacher model, and this run has "
-            + ("a logit cache" if config.teacher is not None else "no single teacher model"),
-            "set teacher.model to a model folder (not teacher.cache, teachers: or co_distill)",
-        )
-
-
 def _projections(rep_cfg, hidden_map, student_width: int, teacher_width: int) -> nn.ModuleDict:
     projections = nn.ModuleDict()
     if rep_cfg.hidden is not None and projection_wanted(
@@ -209,7 +195,6 @@ def configure(setup, config) -> None:
             "the representation section sets no term",
             "add representation.hidden, .attention, .relation or output_cosine > 0, or remove the section",
         )
-    _check_teacher(setup, config)
     student_model, teacher_model = setup.student.model, setup.teacher_model
     student_layers, teacher_layers = student_model.config.num_hidden_layers, teacher_model.config.num_hidden_layers
 

@@ -14,8 +14,9 @@
 
 The prompt of a row is its leading positions without a label (prompt_completion
 and messages data), or its leading `rollout.prompt_fraction` for plain text.
-Sampling uses `model.generate` with its KV cache, under no_grad in eval mode;
-`rollout.engine: vllm` (sequence_level only, optional extra) uses vLLM.
+Sampling (training/sampling.py) uses `model.generate` with its KV cache, under
+no_grad in eval mode; `rollout.engine: vllm` (sequence_level only, optional
+extra) uses vLLM.
 
     alambic distill configs/onpolicy_gkd.yaml
     alambic distill configs/seqkd.yaml
@@ -23,157 +24,9 @@ Sampling uses `model.generate` with its KV cache, under no_grad in eval mode;
 
 from __future__ import annotations
 
-import hashlib
-import random
-from contextlib import contextmanager
-
-import torch
-
-from alambic.data import IGNORE, collate
-from alambic.errors import ConfigError
-
-
-# ----------------------------------------------------------------------------- prompts and batches
-
-
-def prompt_lengths(batch: dict, prompt_from_labels: bool, prompt_fraction: float) -> list[int]:
-    """Tokens of each row that form its prompt (at least one, so there is a context to sample from)."""
-    lengths = []
-    for labels, size in zip(batch["labels"].tolist(), batch["attention_mask"].sum(-1).tolist()):
-        if prompt_from_labels:
-            leading = next((i for i, label in enumerate(labels[:size]) if label != IGNORE), size)
-        else:
-            leading = int(size * prompt_fraction)
-        lengths.append(max(1, min(leading, size)))
-    return lengths
-
-
-def split_prompts(batch: dict, lengths: list[int]) -> list[list[int]]:
-    return [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder-only generation continues every row from the same last column."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[i, width - len(prompt) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    """The completion up to and including its first EOS (what follows is padding)."""
-    if eos_id is not None and eos_id in tokens:
-        return tokens[: tokens.index(eos_id) + 1]
-    return tokens
-
-
-def rebuild_batch(batch: dict, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
-    """prompt + completion rows: labels are the completion tokens; prompt and padding carry none."""
-    rows = [{"input_ids": p + c, "labels": [IGNORE] * len(p) + c} for p, c in zip(prompts, completions)]
-    if "weight" in batch:
-        for row, weight in zip(rows, batch["weight"].tolist()):
-            row["weight"] = weight
-    indices = batch["row_index"].tolist() if "row_index" in batch else None
-    device = batch["input_ids"].device
-    return {k: v.to(device) for k, v in collate(rows, pad_id, indices).items()}
-
-
-def rollout_seed(seed: int, step: int, batch: dict) -> int:
-    """A sampling seed fixed by (run seed, step, rows): resuming re-draws the same samples."""
-    rows = batch["row_index"].tolist() if "row_index" in batch else []
-    digest = hashlib.sha256(f"{seed}:{step}:{rows}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def samples_at(seed: int, step: int, fraction: float) -> bool:
-    """GKD's coin: does step `step` use student samples? The same answer on every rank and resume."""
-    return random.Random(f"alambic-rollout:{seed}:{step}").random() < fraction
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-@contextmanager
-def eval_mode(*models):
-    """Sample in eval mode (no dropout), then give each model back its previous mode."""
-    previous = [m.training for m in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, was_training in zip(models, previous):
-            model.train(was_training)
-
-
-def _vocab_limit(model, vocab_size: int | None):
-    """Padded embedding rows beyond the tokenizer are not tokens: never sample them."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    if vocab_size is None or model.config.vocab_size <= vocab_size:
-        return None
-
-    class _TokenizerVocabOnly(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores[:, vocab_size:] = float("-inf")
-            return scores
-
-    return LogitsProcessorList([_TokenizerVocabOnly()])
-
-
-@torch.no_grad()
-def hf_generate(model, prompts: list[list[int]], options, *, pad_id: int, eos_id: int | None, seed: int,
-                vocab_size: int | None = None) -> list[list[int]]:
-    """Completions (token lists, cut after EOS) sampled with `model.generate` and its KV cache."""
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
-    decoding = {"do_sample": False} if options.greedy else {
-        "do_sample": True, "temperature": options.temperature, "top_p": options.top_p, "top_k": 0,
-    }
-    # A private RNG stream: sampling must not shift the global one the rest of training uses.
-    fork_devices = [device] if device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=options.max_new_tokens,
-            pad_token_id=pad_id, eos_token_id=eos_id, logits_processor=_vocab_limit(model, vocab_size), **decoding,
-        )
-    return [cut_at_eos(row, eos_id) for row in output[:, input_ids.shape[1] :].tolist()]
-
-
-class VLLMSampler:
-    """Teacher completions through vLLM (optional extra): the teacher is fixed, so it loads once."""
-
-    def __init__(self, teacher_cfg, options, seed: int):
-        vllm = import_vllm()
-        self.vllm = vllm
-        self.llm = vllm.LLM(
-            model=teacher_cfg.model, revision=teacher_cfg.revision, seed=seed,
-            dtype="auto" if teacher_cfg.dtype == "auto" else teacher_cfg.dtype,
-            trust_remote_code=teacher_cfg.trust_remote_code, gpu_memory_utilization=options.vllm_gpu_memory,
-        )
-
-    def __call__(self, model, prompts, options, *, pad_id, eos_id, seed, vocab_size=None) -> list[list[int]]:
-        params = self.vllm.SamplingParams(
-            temperature=0.0 if options.greedy else options.temperature, top_p=options.top_p,
-            max_tokens=options.max_new_tokens, seed=seed,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [cut_at_eos(list(o.outputs[0].token_ids), eos_id) for o in outputs]
-
-
-def import_vllm():
-    try:
-        import vllm
-    except ImportError:
-        raise ConfigError(
-            "rollout.engine is 'vllm' but the vllm package is not installed",
-            "pip install vllm (needs a CUDA GPU), or set rollout.engine: hf",
-        ) from None
-    return vllm
+from alambic.training.sampling import (
+    VLLMSampler, hf_generate, prompt_lengths, rebuild_batch, rollout_seed, samples_at, split_prompts,
+)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -222,52 +75,6 @@ class PromptRollout:
         )
 
 
-def check_rollout(setup, config) -> None:
-    """Refuse settings under which a rollout cannot work, before anything is trained."""
-    rollout = config.rollout
-    where = f"rollout.policy is {rollout.policy!r}"
-    if config.task != "causal_lm":
-        raise ConfigError(
-            f"{where}, which samples text, but the task is {config.task!r}",
-            "rollouts apply to causal LMs: set rollout.policy: off_policy for classifiers",
-        )
-    if config.data.packing:
-        raise ConfigError(
-            f"{where}, which needs one document per row to find its prompt, but data.packing is true",
-            "set data.packing: false",
-        )
-    if rollout.engine == "vllm" and rollout.policy != "sequence_level":
-        raise ConfigError(
-            f"rollout.engine 'vllm' samples from a fixed model; with {where} the sampling model changes every step",
-            "use rollout.engine: hf, or policy: sequence_level (the teacher writes the completions)",
-        )
-    if config.cross_tokenizer is not None:
-        raise ConfigError(
-            f"{where}, whose samples are scored token by token, needs one tokenizer (cross_tokenizer is set)",
-            "use rollout.policy: off_policy with cross-tokenizer distillation",
-        )
-    cached = config.teacher is not None and config.teacher.cache is not None and config.teacher.model is None
-    source = "the teacher is an offline logit cache, which only covers the rows it was computed on" if cached \
-        else "this run has no teacher model"
-    if rollout.policy == "on_policy" and (setup.teacher is None or not setup.teacher_evaluable):
-        raise ConfigError(
-            f"{where}: the teacher must score the student's new samples, but {source}",
-            "set teacher.model to a live teacher (and remove teacher.cache)",
-        )
-    if rollout.policy in ("sequence_level", "minillm") and setup.teacher_model is None:
-        task = "write the completions" if rollout.policy == "sequence_level" else "score and mix into the samples"
-        raise ConfigError(
-            f"{where}: a live teacher model must {task}, but {source}",
-            "set teacher.model to a model folder or hub id (and remove teacher.cache)",
-        )
-    if rollout.policy == "minillm" and (config.loss.objective != "reverse_kl" or config.loss.temperature != 1.0):
-        raise ConfigError(
-            f"{where}: its single-step term is the token-level reverse KL at temperature 1, "
-            f"but loss.objective is {config.loss.objective!r} at temperature {config.loss.temperature}",
-            "set loss.objective: reverse_kl and loss.temperature: 1",
-        )
-
-
 def _chain(previous, rollout):
     return lambda batch, step: rollout(previous(batch, step), step)
 
@@ -276,7 +83,6 @@ def configure(setup, config) -> None:
     policy = config.rollout.policy
     if policy == "off_policy":
         return
-    check_rollout(setup, config)
     if policy == "on_policy":
         rollout = PromptRollout(setup, config, setup.student.model, fraction=config.rollout.lambda_)
     elif policy == "sequence_level":

@@ -27,11 +27,12 @@ from alambic.config import ModelConfig
 from alambic.data import IGNORE
 from alambic.errors import ConfigError
 from alambic.losses import per_token_distillation_loss
+from alambic.losses.options import LossOptions
 from alambic.losses.representation import masked_mean_pool
 from alambic.models import freeze, load_model
 from alambic.teachers.ema import FrozenCopy, ema_update
 from alambic.teachers.live import LiveTeacher
-from alambic.training.objective import loss_options, student_module
+from alambic.training.modes.base import TeacherChoice
 
 TEACHER_KEY = "self_distill_teacher"
 EXITS_KEY = "early_exits"
@@ -55,14 +56,15 @@ class EarlyExitHead(nn.Module):
 class EarlyExitTerm:
     """Sums over loss positions of each exit's loss against the final layer's (detached) logits."""
 
+    name = "early_exit"
     needs = {"student_hidden_states"}
 
-    def __init__(self, layers: list[int], weight: float, task: str, options: dict):
+    def __init__(self, layers: list[int], weight: float, task: str, options: LossOptions):
         self.layers, self.weight, self.task, self.options = layers, weight, task, options
 
-    def __call__(self, student, batch: dict, teacher) -> dict:
-        module = student_module(student)
-        outputs = batch["_student_outputs"]
+    def __call__(self, step) -> dict:
+        module, batch, outputs = step.module, step.batch, step.outputs
+        options = self.options.kwargs()
         heads = module.auxiliary[EXITS_KEY]
         total = 0.0
         if self.task == "sequence_classification":
@@ -70,7 +72,7 @@ class EarlyExitTerm:
             for layer in self.layers:
                 pooled = masked_mean_pool(outputs["hidden_states"][layer + 1], batch["attention_mask"])
                 logits = heads[f"layer_{layer}"](pooled)
-                total = total + per_token_distillation_loss(logits, final, batch["labels"], **self.options)["loss"].sum()
+                total = total + per_token_distillation_loss(logits, final, batch["labels"], **options)["loss"].sum()
         else:
             labels = batch["labels"][:, 1:]
             mask = labels != IGNORE
@@ -79,7 +81,7 @@ class EarlyExitTerm:
             for layer in self.layers:
                 hidden = outputs["hidden_states"][layer + 1][:, :-1][mask]
                 logits = heads[f"layer_{layer}"](hidden, head_weight, head_bias)
-                total = total + per_token_distillation_loss(logits, final, labels[mask], **self.options)["loss"].sum()
+                total = total + per_token_distillation_loss(logits, final, labels[mask], **options)["loss"].sum()
         scaled = self.weight * total
         return {"loss": scaled, "early_exit": scaled}
 
@@ -116,7 +118,7 @@ def load_checkpoint_teacher(path: str, setup, task: str) -> nn.Module:
         )
     from safetensors.torch import load_model as load_safetensors
 
-    from alambic.training.module import StudentModule
+    from alambic.models.module import StudentModule
 
     holder = StudentModule(copy.deepcopy(setup.student.model), setup.vocab_size)
     missing, _ = load_safetensors(holder, str(weights), strict=False)  # auxiliary modules are skipped
@@ -146,17 +148,6 @@ def _self_teacher(setup, sd_cfg, task: str) -> nn.Module:
     return frozen.model
 
 
-def _check_exclusive(config) -> None:
-    others = [name for name, on in (("teacher", config.teacher is not None), ("teachers", bool(config.teachers)),
-                                    ("co_distill", config.co_distill is not None)) if on]
-    if others:
-        raise ConfigError(
-            f"self_distill.teacher is {config.self_distill.teacher!r} (the student teaches itself) but "
-            f"{others[0]} is also set",
-            f"remove {others[0]}, or set self_distill.teacher: none to keep it and train only early exits",
-        )
-
-
 def _add_early_exits(setup, sd_cfg, config) -> None:
     model = setup.student.model
     layers = model.config.num_hidden_layers
@@ -172,24 +163,27 @@ def _add_early_exits(setup, sd_cfg, config) -> None:
         {f"layer_{layer}": EarlyExitHead(model.config.hidden_size, classes) for layer in sd_cfg.early_exit_layers}
     )
     setup.extra_terms.append(
-        EarlyExitTerm(list(sd_cfg.early_exit_layers), sd_cfg.early_exit_weight, config.task, loss_options(config.loss))
+        EarlyExitTerm(list(sd_cfg.early_exit_layers), sd_cfg.early_exit_weight, config.task,
+                      LossOptions.from_config(config.loss))
     )
+
+
+def teacher(setup, config) -> TeacherChoice | None:
+    """The student's own teacher (frozen, EMA or checkpoint copy), unless self_distill.teacher is none."""
+    sd_cfg = config.self_distill
+    if sd_cfg is None or sd_cfg.teacher == "none":
+        return None
+    teacher_model = _self_teacher(setup, sd_cfg, config.task)
+    name = {
+        "frozen": "the student's frozen initial copy",
+        "ema": f"an EMA of the student (decay {sd_cfg.ema_decay})",
+        "checkpoint": f"the student checkpoint {sd_cfg.checkpoint}",
+    }[sd_cfg.teacher]
+    source = LiveTeacher(teacher_model, setup.vocab_size, name=f"self ({sd_cfg.teacher})")
+    return TeacherChoice(source, name, evaluable=True, model=teacher_model)
 
 
 def configure(setup, config) -> None:
     sd_cfg = config.self_distill
-    if sd_cfg is None:
-        return
-    if sd_cfg.teacher != "none":
-        _check_exclusive(config)
-        teacher_model = _self_teacher(setup, sd_cfg, config.task)
-        setup.teacher = LiveTeacher(teacher_model, setup.vocab_size, name=f"self ({sd_cfg.teacher})")
-        setup.teacher_model = teacher_model
-        setup.teacher_name = {
-            "frozen": "the student's frozen initial copy",
-            "ema": f"an EMA of the student (decay {sd_cfg.ema_decay})",
-            "checkpoint": f"the student checkpoint {sd_cfg.checkpoint}",
-        }[sd_cfg.teacher]
-        setup.teacher_evaluable = True
-    if sd_cfg.early_exit_layers:
+    if sd_cfg is not None and sd_cfg.early_exit_layers:
         _add_early_exits(setup, sd_cfg, config)

@@ -8,8 +8,8 @@ command, the seed, the Python version and, by path, which standard-library
 modules the teacher trained on and which it never saw: the demo draws its
 validation and held-out modules only from the unseen ones, on any interpreter.
 
-    python -m alambic.evaluate.lm_teacher                      # writes src/alambic/assets/lm_teacher
-    python -m alambic.evaluate.lm_teacher --steps 50 --out /tmp/t   # a smoke run
+    python -m alambic.demos.lm_teacher                      # writes src/alambic/assets/lm_teacher
+    python -m alambic.demos.lm_teacher --steps 50 --out /tmp/t   # a smoke run
 
 A killed run continues from its last checkpoint when started again (same command).
 """
@@ -20,46 +20,18 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
-SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "lm_teacher"
-MANIFEST = "manifest.json"
-RESERVED_VALIDATION, RESERVED_HELDOUT = 8, 40
-
-
-def stdlib_split(seed: int) -> dict[str, list[str]]:
-    """Module paths (relative to the stdlib root), shuffled with `seed`: validation, held-out, train."""
-    from alambic.data.stdlib_corpus import stdlib_files
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = [str(p.relative_to(root)) for p in stdlib_files(skip_generated=True)]
-    random.Random(seed).shuffle(paths)
-    reserved = RESERVED_VALIDATION + RESERVED_HELDOUT
-    return {"validation": paths[:RESERVED_VALIDATION], "heldout": paths[RESERVED_VALIDATION:reserved],
-            "train": paths[reserved:]}
-
-
-def read_modules(relative_paths: list[str]) -> list[str]:
-    """Texts of the listed modules that exist in this interpreter (another Python version may lack a few)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [(root / p).read_text(encoding="utf-8", errors="replace") for p in relative_paths if (root / p).is_file()]
-
-
-def load_manifest(folder: Path = SHIPPED) -> dict | None:
-    path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
-
+from alambic.demos.lm_assets import MANIFEST, SHIPPED, read_modules, stdlib_split
 
 def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> dict:
     from alambic.data.stdlib_corpus import build_tokenizer
-    from alambic.evaluate.bbc import write_jsonl
-    from alambic.evaluate.demo import train
-    from alambic.evaluate.lm_demo import LMDemoConfig, build_llama, lm_train_config
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.demos.bbc import write_jsonl
+    from alambic.demos.demo import train
+    from alambic.demos.lm_demo import LMDemoConfig, build_llama, lm_train_config
+    from alambic.durable import atomic_dir
     from alambic.training.loop import run_distillation
 
     config = LMDemoConfig(seed=seed, teacher_steps=steps, teacher_lr=lr, warmup_steps=100, eval_every=250)
@@ -74,21 +46,19 @@ def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> di
     distill.train.save_every = 250  # resumable: the loop continues from the last checkpoint
     run = run_distillation(distill)
     final = run.output_dir / "final"
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(final, staging, ignore=shutil.ignore_patterns("*.md", "training_args*", "alambic_*"))
-    weights = (staging / "model.safetensors").read_bytes()
-    manifest = {
-        "command": "python -m alambic.evaluate.lm_teacher " + " ".join(sys.argv[1:]),
-        "python": sys.version.split()[0], "seed": seed, "steps": steps, "lr": lr,
-        "batch_size": config.batch_size, "max_length": config.max_length, "vocab_size": config.vocab_size,
-        "size": config.teacher.model_dump(), "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "final_eval": {k: v for k, v in run.history[-1].items() if k.startswith("eval_")} if run.history else {},
-        "modules": split,
-    }
-    atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+    with atomic_dir(out) as staging:
+        shutil.copytree(final, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.md", "training_args*", "alambic_*"))
+        weights = (staging / "model.safetensors").read_bytes()
+        manifest = {
+            "command": "python -m alambic.demos.lm_teacher " + " ".join(sys.argv[1:]),
+            "python": sys.version.split()[0], "seed": seed, "steps": steps, "lr": lr,
+            "batch_size": config.batch_size, "max_length": config.max_length, "vocab_size": config.vocab_size,
+            "size": config.teacher.model_dump(), "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "final_eval": {k: v for k, v in run.history[-1].items() if k.startswith("eval_")} if run.history else {},
+            "modules": split,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

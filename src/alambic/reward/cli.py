@@ -10,12 +10,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("reward-distill")
     def reward_distill(
-        config: str = typer.Argument(..., help="YAML config (schema: alambic.training.reward:RewardConfig)"),
+        config: str = typer.Argument(..., help="YAML config (schema: alambic.reward.distill:RewardConfig)"),
         overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value overrides, e.g. train.steps=50"),
     ) -> None:
         """Judge student samples with the teacher, train a reward model on the preferences, test best-of-n."""
         from alambic.config import load_config
-        from alambic.training.reward import RewardConfig, run_reward_distillation
+        from alambic.reward.distill import RewardConfig, run_reward_distillation
 
         resolved = load_config(config, overrides or [], RewardConfig)
         metrics = run_reward_distillation(resolved)

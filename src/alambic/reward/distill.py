@@ -15,6 +15,16 @@
 Samples and scores are saved (samples.jsonl) and reused when the sampling
 settings have not changed; the reward model is written as a normal HF folder.
 
+Why this has its own short optimiser loop (`train_reward_model`) instead of
+training/loop.py: the one loop trains a student on rows of tokens, with a
+per-position loss against a teacher signal, normalised by the step's loss
+tokens over all ranks. A reward model trains on *pairs* of whole sequences
+(one scalar per sequence, a pairwise Bradley-Terry loss), on samples drawn and
+judged in this process, not on a dataset file; it has no teacher signal and
+no per-position loss. Fitting that into the loop would need a second batch
+shape and a second normaliser in it. It lives apart, in alambic/reward/, so
+that everything under training/ goes through the one loop.
+
     alambic reward-distill configs/reward.yaml
 """
 
@@ -32,8 +42,8 @@ from pydantic import Field, model_validator
 
 from alambic.config import ModelConfig, Strict
 from alambic.data import IGNORE, collate, read_records
+from alambic.durable import atomic_dir, atomic_write_text
 from alambic.errors import ConfigError, DataError, ModelError
-from alambic.training.checkpoint import atomic_write_text
 
 
 class RewardData(Strict):
@@ -121,7 +131,7 @@ def _chunks(items: list, size: int):
 
 def sample_completions(policy, prompts, sampling: RewardSampling, tokenizer, seed: int) -> list[list[list[int]]]:
     """`samples_per_prompt` sampled completions per prompt (KV-cached generate, seeded per chunk)."""
-    from alambic.training.modes.rollouts import hf_generate
+    from alambic.training.sampling import hf_generate
 
     n = sampling.samples_per_prompt
     temperatures = sampling.temperatures or [sampling.temperature] * n
@@ -324,13 +334,7 @@ def run_reward_distillation(config: RewardConfig) -> dict:
 
 
 def _save(model, tokenizer, folder: Path, metrics: dict) -> None:
-    import os
-    import shutil
-
-    target, temporary = folder / "reward_model", folder / f".reward_model.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(temporary, target)
+    with atomic_dir(folder / "reward_model") as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
     atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))

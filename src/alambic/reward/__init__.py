@@ -1,0 +1,1 @@
+"""Reward distillation (`alambic reward-distill`): see alambic.reward.distill for why it has its own small loop."""
