@@ -5,7 +5,7 @@ failed, a CUDA device on a machine without one; and a run that got no answer doe
 from __future__ import annotations
 
 import pytest
-from helpers_generate import read_jsonl, run_cli, write_jsonl
+from helpers_generate import read_jsonl, invoke_cli, write_jsonl
 
 from alambic.generate.testing.scripted_server import ScriptedError
 
@@ -19,17 +19,17 @@ def prompts(tmp_path, count=3):
 @pytest.mark.parametrize("url", ["not-a-url", "127.0.0.1:8000/v1", "ftp://host/v1", "http:///v1", "http://h:99999/v1"])
 def test_malformed_base_url_is_a_config_error_and_writes_nothing(url, config_from, tmp_path, capsys):
     config = config_from("generate_answer.yaml", teacher={"base_url": url}, input={"path": prompts(tmp_path)})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     assert "is not an http(s) URL with a host" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run").exists()
-    assert run_cli("validate", config) == 2
+    assert invoke_cli("validate", config) == 2
 
 
 def test_backend_without_logprobs_stops_on_the_first_answer(scripted_server, config_from, tmp_path, capsys):
     server = scripted_server(serve_logprobs=False)  # like `transformers serve`: `logprobs` is ignored
     config = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "max_in_flight": 1},
                          input={"path": prompts(tmp_path, 6)})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "without the log-probabilities" in err and server.base_url in err
     assert "vLLM" in err and "teacher.backend: hf" in err and "sampling.logprobs=false" in err
@@ -38,7 +38,7 @@ def test_backend_without_logprobs_stops_on_the_first_answer(scripted_server, con
     assert not stored.exists() or not read_jsonl(stored)  # and stored nothing from it
 
     # The suggested way out works on the same folder: the stopped run pinned nothing.
-    assert run_cli("generate", config, "sampling.logprobs=false", "sampling.top_logprobs=0") == 0
+    assert invoke_cli("generate", config, "sampling.logprobs=false", "sampling.top_logprobs=0") == 0
     rows = read_jsonl(tmp_path / "run" / "teacher.jsonl")
     assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
 
@@ -50,12 +50,12 @@ def test_every_request_failing_never_exits_0(scripted_server, config_from, tmp_p
     server = scripted_server(other_model)
     config = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "retry": FAST_RETRY},
                          input={"path": prompts(tmp_path)})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "every request failed (3 of 3; most often http_400: 3)" in err and "teacher.model" in err
     assert [row["status"] for row in read_jsonl(tmp_path / "run" / "teacher.jsonl")] == ["failed"] * 3
     # A plain rerun sends nothing and still does not pretend to succeed.
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     assert "--retry-failed" in capsys.readouterr().err
 
 
@@ -69,17 +69,17 @@ def test_a_run_without_answers_does_not_pin_the_cache(scripted_server, config_fr
     inputs = prompts(tmp_path)
     wrong = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "model": "wrong-model"},
                         input={"path": inputs})
-    assert run_cli("generate", wrong) == 2
+    assert invoke_cli("generate", wrong) == 2
     right = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "model": "right-model"},
                         input={"path": inputs})
-    assert run_cli("generate", right) == 0, capsys.readouterr().err  # no --new-cache needed
+    assert invoke_cli("generate", right) == 0, capsys.readouterr().err  # no --new-cache needed
     assert all(row["status"] == "ok" for row in read_jsonl(tmp_path / "run" / "teacher.jsonl"))
     assert list((tmp_path / "run" / "cache").glob("replaced-*/requests.jsonl"))  # the failures kept aside
 
     # A cache that does hold answers still pins its teacher.
     other = config_from("generate_answer.yaml", teacher={"base_url": server.base_url, "model": "wrong-model"},
                         input={"path": inputs})
-    assert run_cli("generate", other) == 2
+    assert invoke_cli("generate", other) == 2
     assert "changed: teacher.model" in capsys.readouterr().err
 
 
@@ -90,7 +90,7 @@ def test_cuda_device_without_cuda_is_a_config_error(config_from, tmp_path, capsy
         pytest.skip("this machine has CUDA")
     config = config_from("generate_hf_local.yaml", teacher={"device": "cuda", "model": str(tmp_path)},
                          input={"path": prompts(tmp_path)})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "teacher.device=cuda but this machine has no CUDA device" in err and "teacher.device=cpu" in err
     assert not (tmp_path / "run").exists()
@@ -99,5 +99,5 @@ def test_cuda_device_without_cuda_is_a_config_error(config_from, tmp_path, capsy
 def test_missing_local_teacher_folder_is_named(config_from, tmp_path, capsys):
     config = config_from("generate_hf_local.yaml", teacher={"device": "cpu", "model": str(tmp_path / "nope")},
                          input={"path": prompts(tmp_path)})
-    assert run_cli("generate", config) == 2
+    assert invoke_cli("generate", config) == 2
     assert "teacher model folder" in capsys.readouterr().err and not (tmp_path / "run").exists()

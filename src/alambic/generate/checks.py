@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from alambic.errors import AlambicError
+from alambic.errors import AlambicError, ConfigError
 
 LOGPROB_BACKENDS = ("vLLM's server (vllm serve MODEL)", "the OpenAI API", "the local `hf` backend (teacher.backend: hf)")
 
@@ -73,8 +73,24 @@ def preflight(config) -> None:
     if teacher.backend == "hf":
         import torch
 
-        from alambic.generate.backends.hf_backend import resolve_device
         from alambic.models.loading import resolve_model_source
 
         resolve_device(teacher.device, torch)
         resolve_model_source(teacher.model, "teacher")  # a missing local folder, named as such
+
+
+def resolve_device(choice: str, torch) -> str:
+    """'auto' -> cuda when available, else cpu; an unavailable cuda device is a config error."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda"):
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(choice.split(":", 1)[1]) if ":" in choice and choice.split(":", 1)[1].isdigit() else 0
+        if index >= available:
+            have = "no CUDA device (this torch has no CUDA support or no GPU is visible)" if not available \
+                else f"only {available} CUDA device(s)"
+            raise ConfigError(f"teacher.device={choice} but this machine has {have}",
+                              "set teacher.device=cpu, or auto to use a GPU when there is one")
+    elif choice not in ("cpu", "mps"):
+        raise ConfigError(f"teacher.device={choice!r} is not a device", "use cpu, cuda, cuda:N or auto")
+    return choice

@@ -12,27 +12,11 @@ import asyncio
 
 from pathlib import Path
 
-from alambic.errors import ConfigError, ModelError
+from alambic.errors import ModelError
 from alambic.generate.backends.base import TeacherReply, TeacherRequest
+from alambic.generate.checks import resolve_device
 from alambic.generate.config import TeacherBackendConfig
 from alambic.models.loading import _hub_error, _is_offline, resolve_model_source
-
-
-def resolve_device(choice: str, torch) -> str:
-    """'auto' -> cuda when available, else cpu; an unavailable cuda device is a config error."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda"):
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(choice.split(":", 1)[1]) if ":" in choice and choice.split(":", 1)[1].isdigit() else 0
-        if index >= available:
-            have = "no CUDA device (this torch has no CUDA support or no GPU is visible)" if not available \
-                else f"only {available} CUDA device(s)"
-            raise ConfigError(f"teacher.device={choice} but this machine has {have}",
-                              "set teacher.device=cpu, or auto to use a GPU when there is one")
-    elif choice not in ("cpu", "mps"):
-        raise ConfigError(f"teacher.device={choice!r} is not a device", "use cpu, cuda, cuda:N or auto")
-    return choice
 
 
 class HFTeacher:
