@@ -59,6 +59,10 @@ SHORT_RUN = {
     "eval": ["--limit", "2", "--no-speed"],
     "report": [],
 }
+# A command not listed above gets every key below that its config accepts (so a new command's header runs
+# short from the start); give it its own entry when it needs other keys or options.
+DEFAULT_SHORT_RUN = sorted({*SHORT_RUN["distill"], *SHORT_RUN["reward-distill"], "max_steps=2", "steps=2",
+                            "limit=8", "progress=false", "input.limit=3", "sampling.max_tokens=8"})
 # Options (not key=value overrides): appended as they are.
 OPTION_WORDS = {"--no-progress", "--no-speed", "--limit", "2"}
 LAUNCHERS = ("accelerate", "torchrun")
@@ -203,7 +207,7 @@ def _accepted_overrides(config_path: str, given: list[str], candidates: list[str
 def short_run_args(argv: list[str]) -> list[str]:
     """The words appended to `alambic <command> ...` for a short run."""
     command = argv[0] if argv else ""
-    extra = SHORT_RUN.get(command, [])
+    extra = SHORT_RUN.get(command, DEFAULT_SHORT_RUN)
     options = [word for word in extra if word in OPTION_WORDS]
     keyed = [word for word in extra if word not in OPTION_WORDS]
     positional = [word for word in argv[1:] if not word.startswith("-")]
