@@ -20,8 +20,10 @@ The convention (also in docs/doc-tests.md; keep the two in step):
   copy rather than rebuilt. `alambic` commands run in this process with the
   short-run overrides of SHORT_RUN appended (only those the config's schema
   accepts); `python -m MODULE` runs in this process too; `accelerate launch` /
-  `torchrun` run as subprocesses (see LAUNCH_ENV). Anything else is an error:
-  mark it with `needs:`.
+  `torchrun` run as subprocesses (see LAUNCH_ENV). A line ending in ` &` (a
+  server the next lines talk to) starts in the background: the chain waits
+  until its `--port N` accepts connections and stops it at the end. Anything
+  else is an error: mark it with `needs:`.
 """
 
 from __future__ import annotations
@@ -204,12 +206,25 @@ def _accepted_overrides(config_path: str, given: list[str], candidates: list[str
     return kept
 
 
+def _takes_overrides(command: str) -> bool:
+    """Whether `alambic COMMAND` accepts key=value overrides (an `overrides` argument)."""
+    import inspect
+
+    from alambic.cli import app
+
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        if name == command:
+            return "overrides" in inspect.signature(info.callback).parameters
+    return False
+
+
 def short_run_args(argv: list[str]) -> list[str]:
     """The words appended to `alambic <command> ...` for a short run."""
     command = argv[0] if argv else ""
     extra = SHORT_RUN.get(command, DEFAULT_SHORT_RUN)
     options = [word for word in extra if word in OPTION_WORDS]
-    keyed = [word for word in extra if word not in OPTION_WORDS]
+    keyed = [word for word in extra if word not in OPTION_WORDS] if _takes_overrides(command) else []
     positional = [word for word in argv[1:] if not word.startswith("-")]
     if not keyed or not positional:
         return options
@@ -304,6 +319,64 @@ def run_one(words: list[str], workspace: Path, tiny_setup_root: Path, env: dict)
             return _in_process(lambda: _run_module(module), [module, *rest])
     raise ValueError(f"don't know how to run {' '.join(words)!r}: mark the line with `# needs: <why>` "
                      "or teach tests/docs/doc_commands.py")
+
+
+class Background:
+    """Servers started by ` &` lines of one chain; stopped when the chain ends."""
+
+    def __init__(self, workspace: Path):
+        self.workspace = workspace
+        self.processes: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, words: list[str], env: dict) -> tuple[int, str]:
+        import socket
+        import time
+
+        extra_env, words = _env_prefix(list(words))
+        program, args = words[0], words[1:]
+        if program == "alambic":
+            argv = [sys.executable, "-m", "alambic.cli", *args]
+        elif program in ("python", "python3"):
+            argv = [sys.executable, *args]
+        else:
+            argv = [str(Path(sys.executable).with_name(program)), *args]
+        log = self.workspace / f"background-{len(self.processes)}.log"
+        full_env = {**os.environ, **env, **LAUNCH_ENV, **extra_env, "PYTHONPATH": str(REPO / "src")}
+        with open(log, "wb") as handle:
+            process = subprocess.Popen(argv, cwd=self.workspace, env=full_env, stdout=handle, stderr=subprocess.STDOUT)
+        self.processes.append((process, log))
+        port = int(args[args.index("--port") + 1]) if "--port" in args[:-1] else None
+        deadline = time.monotonic() + 90
+        while port is not None and time.monotonic() < deadline:
+            if process.poll() is not None:
+                return process.returncode or 1, log.read_text(errors="replace")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return 0, ""
+            except OSError:
+                time.sleep(0.3)
+        if port is not None:
+            return 1, f"nothing listens on port {port} after 90 s:\n" + log.read_text(errors="replace")
+        return 0, ""
+
+    def stop(self) -> None:
+        for process, _ in self.processes:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+        self.processes.clear()
+
+
+def split_background(text: str) -> tuple[str, bool]:
+    """`cmd args &` -> (`cmd args`, True)."""
+    stripped = text.rstrip()
+    if stripped.endswith("&") and not stripped.endswith("&&"):
+        return stripped[:-1].rstrip(), True
+    return text, False
 
 
 def split_and(text: str) -> list[list[str]]:

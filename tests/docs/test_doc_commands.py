@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from doc_commands import LAUNCHERS, REPO, all_chains, make_workspace, run_one, split_and
+from doc_commands import LAUNCHERS, REPO, Background, all_chains, make_workspace, run_one, split_and, split_background
 
 CHAINS = all_chains()
 # Multi-process launches cost ~40 s each on 2 loaded cores: they run (once per distinct command line) unless
@@ -50,13 +50,24 @@ def test_printed_commands_run(chain, tiny_root, tmp_path, monkeypatch):
         pytest.skip(chain.skip)
     workspace = make_workspace(tmp_path / "repo", tiny_root)
     monkeypatch.chdir(workspace)
+    background = Background(workspace)
+    try:
+        ran, skipped = _run_chain(chain, workspace, tiny_root, background)
+    finally:
+        background.stop()
+    if not ran:
+        pytest.skip("; ".join(skipped))
+
+
+def _run_chain(chain, workspace: Path, tiny_root: Path, background: Background) -> tuple[int, list[str]]:
     env: dict = {}
     ran, skipped = 0, []
     for command in chain.commands:
         if command.needs:
             skipped.append(f"{command.where}: needs {command.needs}")
             continue
-        parts = split_and(command.text)
+        text, in_background = split_background(command.text)
+        parts = split_and(text)
         launch = next((" ".join(part[part.index(name):]) for part in parts for name in LAUNCHERS if name in part), None)
         if launch and not RUN_LAUNCHERS:
             skipped.append(f"{command.where}: multi-process launch (ALAMBIC_DOC_TEST_LAUNCH=0)")
@@ -65,8 +76,11 @@ def test_printed_commands_run(chain, tiny_root, tmp_path, monkeypatch):
             skipped.append(f"{command.where}: the same launch ran at {_LAUNCHED[launch]}")
             continue
         code, output = 0, ""
-        for words in parts:
-            code, output = run_one(words, workspace, tiny_root, env)
+        for index, words in enumerate(parts):
+            if in_background and index == len(parts) - 1:
+                code, output = background.start(words, env)
+            else:
+                code, output = run_one(words, workspace, tiny_root, env)
             if code != 0:
                 break
         assert code == command.expect, (
@@ -76,5 +90,4 @@ def test_printed_commands_run(chain, tiny_root, tmp_path, monkeypatch):
         ran += 1
         if launch:
             _LAUNCHED[launch] = command.where
-    if not ran:
-        pytest.skip("; ".join(skipped))
+    return ran, skipped
