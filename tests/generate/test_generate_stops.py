@@ -101,3 +101,13 @@ def test_missing_local_teacher_folder_is_named(config_from, tmp_path, capsys):
                          input={"path": prompts(tmp_path)})
     assert invoke_cli("generate", config) == 2
     assert "teacher model folder" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_hub_model_while_offline_gets_the_offline_hint(config_from, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = config_from("generate_hf_local.yaml", teacher={"device": "cpu", "model": "alambic-test/no-such-model"},
+                         input={"path": prompts(tmp_path)})
+    assert invoke_cli("generate", config) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the hub is offline" in err and "hf download alambic-test/no-such-model" in err
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from alambic.errors import AlambicError, ConfigError
@@ -73,10 +74,15 @@ def preflight(config) -> None:
     if teacher.backend == "hf":
         import torch
 
-        from alambic.models.loading import resolve_model_source
+        from alambic.models.loading import _hub_error, _is_offline, resolve_model_source
 
         resolve_device(teacher.device, torch)
-        resolve_model_source(teacher.model, "teacher")  # a missing local folder, named as such
+        source = resolve_model_source(teacher.model, "teacher")  # a missing local folder, named as such
+        if source == teacher.model and not Path(source).exists() and _is_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+                raise _hub_error(source, "teacher", OSError("not in the local cache"))
 
 
 def resolve_device(choice: str, torch) -> str:
