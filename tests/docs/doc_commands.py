@@ -56,7 +56,7 @@ SHORT_RUN = {
     "progressive": ["run.train.max_steps=2", "run.train.batch_size=2", "run.train.eval_batches=1",
                     "run.data.limit=8", "run.train.progress=false"]
     + [f"stages.{index}.overrides.train.max_steps=2" for index in range(4)],
-    "reward-distill": ["train.steps=2", "train.batch_size=4", "data.limit=8", "sampling.samples_per_prompt=2",
+    "reward-distill": ["train.steps=2", "train.batch_size=4", "train.progress=false", "data.limit=8", "sampling.samples_per_prompt=2",
                        "sampling.max_new_tokens=6"],
     "eval": ["--limit", "2", "--no-speed"],
     "report": [],

@@ -13,7 +13,7 @@ def test_distill_cli_halves_heldout_kl_and_exports_student(tiny_setup, tmp_path)
     assert before.returncode == 0, before.stderr
     kl_before = json.loads((tmp_path / "before" / "final" / "final_metrics.json").read_text())["eval_kl"]
 
-    result = run_cli_subprocess("distill", config)
+    result = run_cli_subprocess("distill", config, env={"HF_HUB_DISABLE_PROGRESS_BARS": "0"})  # quiet anyway
     assert result.returncode == 0, result.stderr
     # Quiet by default: the resolved config as one line, no library progress bars (--verbose: tests/docs).
     assert "forward_kl T=1 alpha=0 | 60 steps x 8" in result.stdout and "objective:" not in result.stdout
