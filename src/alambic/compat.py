@@ -26,10 +26,16 @@ from alambic.errors import ConfigError
 
 @dataclass(frozen=True)
 class Feature:
-    """Something a config turns on; `label` is how messages name it."""
+    """Something a config turns on; `label` is how messages name it, `shown` the setting's value in this config."""
 
     label: str
     present: Callable[[object], bool]
+    shown: Callable[[object], str] | None = None
+
+    def describe(self, config=None) -> str:
+        if config is None or self.shown is None:
+            return self.label
+        return f"{self.label} ({self.shown(config)})"
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,9 @@ class Incompatible:
     why: str
     fix: str
 
-    def message(self) -> str:
-        return f"{FEATURES[self.a].label} cannot be used with {FEATURES[self.b].label}: {self.why}"
+    def message(self, config=None) -> str:
+        """The error; with `config`, the settings' values in it are named too."""
+        return f"{FEATURES[self.a].describe(config)} cannot be used with {FEATURES[self.b].describe(config)}: {self.why}"
 
 
 def _teacher_model(c) -> bool:
@@ -66,15 +73,18 @@ FEATURES: dict[str, Feature] = {
     "classification": Feature("task 'sequence_classification'", lambda c: c.task == "sequence_classification"),
     "packing": Feature("data.packing", lambda c: c.data.packing),
     "not_prompt_completion": Feature(
-        "a data.format other than prompt_completion", lambda c: c.data.format != "prompt_completion"),
+        "a data.format other than prompt_completion", lambda c: c.data.format != "prompt_completion",
+        lambda c: f"data.format is {c.data.format!r}"),
     # the loss
-    "top_k": Feature("loss.top_k", lambda c: c.loss.top_k is not None),
+    "top_k": Feature("loss.top_k", lambda c: c.loss.top_k is not None, lambda c: f"{c.loss.top_k}"),
     "alpha_one": Feature("loss.alpha = 1", lambda c: c.loss.alpha >= 1.0),
     "cosine": Feature("loss.objective 'cosine'", lambda c: c.loss.objective == "cosine"),
-    "temperature_not_1": Feature("a loss.temperature other than 1", lambda c: c.loss.temperature != 1.0),
+    "temperature_not_1": Feature("a loss.temperature other than 1", lambda c: c.loss.temperature != 1.0,
+                                 lambda c: f"loss.temperature is {c.loss.temperature}"),
     "not_reverse_kl_t1": Feature(
         "a loss other than reverse_kl at temperature 1",
-        lambda c: c.loss.objective != "reverse_kl" or c.loss.temperature != 1.0),
+        lambda c: c.loss.objective != "reverse_kl" or c.loss.temperature != 1.0,
+        lambda c: f"loss.objective is {c.loss.objective!r} at temperature {c.loss.temperature}"),
     # where the teacher signal comes from
     "teacher": Feature("a `teacher:` section", lambda c: c.teacher is not None),
     "teacher_cache": Feature("teacher.cache", lambda c: c.teacher is not None and c.teacher.cache is not None),
@@ -223,7 +233,7 @@ def check_compatible(config) -> None:
     if not broken:
         return
     if len(broken) == 1:
-        raise ConfigError(broken[0].message(), broken[0].fix)
-    lines = "\n".join(f"  - {row.message()} (fix: {row.fix})" for row in broken)
+        raise ConfigError(broken[0].message(config), broken[0].fix)
+    lines = "\n".join(f"  - {row.message(config)} (fix: {row.fix})" for row in broken)
     raise ConfigError(f"{len(broken)} pairs of settings in this config cannot be combined:\n{lines}",
                       "apply the fixes listed above")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
