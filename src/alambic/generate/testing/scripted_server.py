@@ -5,6 +5,7 @@ is known exactly) and a deterministic teacher for recipe tests. It is not a
 model: `responder(messages, body)` decides the answer text.
 
     python -m alambic.generate.testing.scripted_server --delay 0.1 --port 8011
+    python -m alambic.generate.testing.scripted_server --responder sentiment --delay 0 --port 8011
 """
 
 from __future__ import annotations
@@ -31,6 +32,26 @@ class ScriptedError(Exception):
 
 def echo_responder(messages: list, body: dict) -> str:
     return f"echo: {messages[-1]['content']}"
+
+
+POSITIVE_WORDS = ("joy", "loved", "stunning", "funny", "warm", "moving", "clever", "best", "heart", "beautiful",
+                  "delightful", "wonderful", "pleasure", "smart", "satisfying", "gorgeous", "great", "good")
+
+
+def sentiment_responder(messages: list, body: dict) -> str:
+    """A keyword rule standing in for a labelling model (offline rehearsals of the label recipes)."""
+    text = messages[-1]["content"].lower()
+    return "positive" if any(word in text for word in POSITIVE_WORDS) else "negative"
+
+
+def rationale_responder(messages: list, body: dict) -> str:
+    """The step-by-step answer format ("Rationale: ... Answer: ...") from the same keyword rule."""
+    label = sentiment_responder(messages, body)
+    cue = "praise" if label == "positive" else "complaints"
+    return f"Rationale: The review is mostly {cue}. Answer: {label}"
+
+
+RESPONDERS = {"echo": echo_responder, "sentiment": sentiment_responder, "rationale": rationale_responder}
 
 
 class ScriptedChatServer:
@@ -156,10 +177,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay", type=float, default=0.1, help="seconds before each answer")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--responder", choices=sorted(RESPONDERS), default="echo",
+                        help="echo the prompt, or label it by keywords (sentiment, rationale)")
     args = parser.parse_args()
 
     async def serve() -> None:
-        server = ScriptedChatServer(delay_s=args.delay, port=args.port)
+        server = ScriptedChatServer(RESPONDERS[args.responder], delay_s=args.delay, port=args.port)
         await server.start()
         print(f"listening {server.port}", flush=True)
         await asyncio.Event().wait()
