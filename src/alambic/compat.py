@@ -99,6 +99,10 @@ FEATURES: dict[str, Feature] = {
         "no teacher (teacher, teachers, self_distill or co_distill)",
         lambda c: c.teacher is None and not c.teachers and not _self_teacher(c) and c.co_distill is None
         and not _record_logprobs(c)),
+    "served_teacher": Feature(
+        "a served teacher (teacher.server)", lambda c: c.teacher is not None and c.teacher.server is not None,
+        lambda c: f"teacher.server is {c.teacher.server}"),
+    "served_member": Feature("a served teacher in `teachers:`", lambda c: any(t.server is not None for t in c.teachers)),
     "record_logprobs": Feature(
         "data.logprobs_column as the teacher (stored top-k logprobs)", _record_logprobs),
     "student_from_teacher": Feature("student.from_teacher", lambda c: c.student.from_teacher is not None),
@@ -179,7 +183,7 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("vllm", "minillm", "vLLM samples from a fixed model and the student changes every step",
                  "use rollout.engine: hf"),
     Incompatible("on_policy", "no_teacher_signal", "the teacher must score the student's new samples",
-                 "set teacher.model to a live teacher"),
+                 "set teacher.model to a live teacher, or teacher.server to a served one"),
     Incompatible("on_policy", "cached_teacher", "the teacher must score the student's new samples, and a cache only "
                  "covers the rows it was computed on", "set teacher.model to a live teacher (and remove teacher.cache)"),
     Incompatible("on_policy", "cached_member", "every teacher must score the student's new samples, and a cache "
@@ -201,6 +205,18 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("top_k", "record_logprobs", _SPARSE_TOP_K, "remove loss.top_k (the stored k applies)"),
     Incompatible("cosine", "cached_teacher", "cosine compares raw logits, and a logit cache holds only "
                  "log-probabilities", "use forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd"),
+    # a served teacher: top-k log-probabilities at temperature 1 from a server, per unpacked row
+    Incompatible("served_teacher", "classification", "a server returns next-token log-probabilities",
+                 "set task: causal_lm"),
+    Incompatible("served_teacher", "temperature_not_1", "the server returns log-probabilities at temperature 1 "
+                 "and a top-k distribution cannot be re-tempered", "set loss.temperature: 1"),
+    Incompatible("served_teacher", "cosine", "cosine compares raw logits, and a server returns top-k "
+                 "log-probabilities", "use forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd"),
+    Incompatible("served_teacher", "packing", "the server scores each row from position 0, and packed rows restart "
+                 "positions mid-row", "set data.packing: false"),
+    Incompatible("served_teacher", "top_k", _SPARSE_TOP_K, "remove loss.top_k (teacher.top_k applies)"),
+    Incompatible("teachers", "served_member", "ensemble members are loaded models or caches; a served member is "
+                 "not supported", "use one served teacher (teacher.server), or models and caches in teachers:"),
     # the teacher's logprobs stored in the data (alambic generate)
     Incompatible("record_logprobs", "not_prompt_completion", "the logprobs belong to a record's completion",
                  "write the generated data with output.student_format: prompt_completion"),

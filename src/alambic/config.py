@@ -25,6 +25,7 @@ from alambic.config_modes import (
     RolloutConfig,
     SelfDistillConfig,
 )
+from alambic.config_served import ServedTeacherOptions
 from alambic.errors import ConfigError
 from alambic.objective_names import OBJECTIVES
 
@@ -44,11 +45,21 @@ class TeacherConfig(ModelConfig):
     cache: str | None = Field(None, description="folder of an offline top-k logit cache; no model is loaded")
     weight: float = Field(1.0, ge=0.0, description="weight of this teacher when several are combined")
     name: str | None = None
+    server: str | None = Field(None, description="OpenAI-compatible URL of a served teacher (vLLM prompt_logprobs)")
+    server_model: str | None = Field(None, description="the model name the server must list (served teacher)")
+    top_k: int | None = Field(None, ge=1, description="log-probabilities per position from the server")
+    served: ServedTeacherOptions | None = Field(None, description="requests, prefetch, retries of teacher.server")
 
     @model_validator(mode="after")
     def _model_or_cache(self) -> "TeacherConfig":
-        if self.model is None and self.cache is None:
-            raise ValueError("a teacher needs `model` (hub id or folder) or `cache` (a logit cache folder)")
+        if self.model is None and self.cache is None and self.server is None:
+            raise ValueError(
+                "a teacher needs `model` (hub id or folder), `cache` (a logit cache folder) or `server` (a URL)"
+            )
+        if self.server is not None or self.served is not None:
+            from alambic.teachers.served_checks import check_server_fields
+
+            check_server_fields(self)
         return self
 
 

@@ -53,6 +53,9 @@ EXAMPLES = {
     "sequence_level": {"rollout": {"policy": "sequence_level"}},
     "minillm": {"rollout": {"policy": "minillm"}, "loss": {"objective": "reverse_kl", "temperature": 1.0}},
     "vllm": {"rollout": {"engine": "vllm"}},
+    "served_teacher": {"teacher": {"model": None, "server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5}},
+    "served_member": {"teachers": [{"server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5, "name": "s"},
+                                   {"model": f"{MISSING}/m", "name": "m"}]},
 }
 
 

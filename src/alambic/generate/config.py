@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from alambic.config import Strict
+from alambic.config_base import Strict
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

@@ -106,6 +106,8 @@ def run_distillation(
             setup.rollout(_load_batch(train_data, plan.rank_slice(g, accelerator.process_index), pad_id, accelerator.device), step)
             for g in plan.step_indices(step - 1)
         ]
+        if hasattr(teacher, "prefetch"):  # a served teacher: requests for this and the next micro-batches go out now
+            teacher.prefetch(batches, lambda s: [plan.rank_slice(g, accelerator.process_index) for g in plan.step_indices(s - 1)], step)
         step_loss_tokens = _count_across_ranks(accelerator, sum(loss_positions(b, config.task) for b in batches))
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         input_tokens = 0

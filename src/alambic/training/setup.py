@@ -65,7 +65,7 @@ def _student_model(config: DistillConfig, teacher_model):
     return load_model(config.student, config.task, role="student")
 
 
-def _config_teacher(config: DistillConfig, teacher_model, vocab_size) -> TeacherChoice:
+def _config_teacher(config: DistillConfig, teacher_model, vocab_size, tokenizer) -> TeacherChoice:
     """The teacher of the config's own sections, when no mode brings one."""
     teacher_cfg = config.teacher
     if teacher_model is not None:
@@ -74,6 +74,11 @@ def _config_teacher(config: DistillConfig, teacher_model, vocab_size) -> Teacher
         from alambic.teachers.cached import CachedTeacher
 
         return TeacherChoice(CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}", False)
+    if teacher_cfg is not None and teacher_cfg.server is not None:  # never loaded here: asked over HTTP
+        from alambic.teachers.served import ServedTeacher
+
+        served = ServedTeacher(teacher_cfg, tokenizer, vocab_size or len(tokenizer), config.train.seed)
+        return TeacherChoice(served, served.name, False)
     if config.data.logprobs_column is not None:  # the teacher's logprobs are in the data
         from alambic.teachers.record_logprobs import RecordLogprobTeacher
 
@@ -107,7 +112,10 @@ def build_models(config: DistillConfig, device, mode_order=None) -> RunSetup:
     setup = RunSetup(student, None, tokenizer, None, False, config)
     setup.teacher_model, setup.teacher_tokenizer = teacher_model, teacher_tokenizer
     setup.vocab_size, setup.device = vocab_size, device
-    setup.use_teacher(choose_teacher(setup, config, mode_order) or _config_teacher(config, teacher_model, vocab_size))
+    setup.use_teacher(choose_teacher(setup, config, mode_order) or _config_teacher(config, teacher_model, vocab_size,
+                                                                                   tokenizer))
+    if hasattr(setup.teacher, "finish"):  # e.g. a served teacher completes its streamed cache, writes its statistics
+        setup.after_train.append(setup.teacher.finish)
     configure_modes(setup, config, mode_order)  # terms, rollouts, hooks
     setup.student.to(device)  # auxiliary modules added by modes follow the student
     return setup
