@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 import yaml
@@ -85,6 +86,9 @@ def format_money(amount: float | None, currency: str) -> str:
 def _model_of(section) -> str:
     if section is None:
         return "-"
+    if getattr(section, "server", None):
+        server = re.sub(r"//[^/@]*@", "//***@", section.server)  # never a key from the URL
+        return f"served {section.server_model or section.model or ''} at {server}".replace("  ", " ")
     return section.model or (f"cache {section.cache}" if getattr(section, "cache", None) else "from the teacher")
 
 

@@ -55,3 +55,19 @@ def test_verbose_flag_is_taken_anywhere_before_a_double_dash():
     assert pop_verbose(argv) and argv == ["alambic", "distill", "c.yaml", "train.lr=1"]
     argv = ["alambic", "distill", "--", "--verbose"]
     assert not pop_verbose(argv) and argv[-1] == "--verbose"
+
+
+def test_config_summary_names_each_kind_of_teacher():
+    from helpers import REPO
+
+    from alambic.config import load_config
+    from alambic.output import config_summary
+
+    tiny = config_summary(load_config(REPO / "configs" / "tiny_kd.yaml"))
+    assert tiny.startswith("runs/tiny/teacher_run/final -> runs/tiny/student_init |") and "200 steps x 16" in tiny
+    cached = config_summary(load_config(REPO / "configs" / "tiny_kd.yaml", ["teacher.model=null", "teacher.cache=c"]))
+    assert cached.startswith("cache c ->")
+    multi = config_summary(load_config(REPO / "configs" / "multi_teacher.yaml"))
+    assert multi.startswith("teachers big, small ->") and "modes: ensemble" in multi
+    served = load_config(REPO / "configs" / "served_teacher.yaml", ["teacher.server=http://u:SECRETKEY@host:8012/v1"])
+    assert "served tiny-teacher at http://***@host:8012/v1" in config_summary(served)
