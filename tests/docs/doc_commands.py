@@ -352,7 +352,11 @@ class Background:
                 return process.returncode or 1, log.read_text(errors="replace")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return 0, ""
+                    pass
+                time.sleep(0.3)  # a server that could not bind (port taken by another process) exits now
+                if process.poll() is not None:
+                    return process.returncode or 1, f"port {port} is taken:\n" + log.read_text(errors="replace")
+                return 0, ""
             except OSError:
                 time.sleep(0.3)
         if port is not None:
