@@ -16,13 +16,16 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from alambic import output
 from alambic.errors import AlambicError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Distil a large model (the teacher) into a small, fast one (the student).",
+    help="Distil a large model (the teacher) into a small, fast one (the student). "
+    "Output is quiet; add --verbose (anywhere) for library progress bars, warnings and the full resolved config.",
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
@@ -53,6 +56,7 @@ _register_commands()
 def main() -> None:
     """Console-script entry point: user errors become exit code 2 with a message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    output.configure(output.pop_verbose(sys.argv))  # quiet unless --verbose, before any model library loads
     try:
         app(standalone_mode=False)
     except AlambicError as err:

@@ -164,6 +164,13 @@ class TrainConfig(Strict):
         0, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops (exit 3)"
     )
 
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        from alambic.config_overrides import check_trackers_installed
+
+        return check_trackers_installed(value)
+
 
 class DistillConfig(Strict):
     """A whole run: which teacher signal, which student, which data, which loss."""
@@ -218,20 +225,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no means 'no'
         parsed.append((key.strip().split("."), value))
     return parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted key; a number indexes a list (`stages.1.overrides.train.max_steps=3`)."""
+    from alambic.config_overrides import set_dotted
+
     for path, value in parse_overrides(overrides):
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
+        set_dotted(raw, path, value)
     return raw
 
 

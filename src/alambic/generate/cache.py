@@ -44,6 +44,20 @@ def request_key(fingerprint: str, messages, sample_index: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _holds_an_answer(records_path: Path) -> bool:
+    """Whether the cache file has at least one `ok` line (a torn or unreadable line counts as none)."""
+    if not records_path.exists():
+        return False
+    with open(records_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                if json.loads(line).get("status") == "ok":
+                    return True
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    return False
+
+
 class RequestCache:
     """Append-only JSONL of finished requests, with group commit for concurrent writers."""
 
@@ -75,7 +89,8 @@ class RequestCache:
         if manifest_path.exists() or records_path.exists():
             stored = self._read_manifest(manifest_path)
             if stored.get("fingerprint") != self.fingerprint:
-                if not replace_foreign:
+                # A cache without a single answer (a run that failed: server down, model missing) pins nothing.
+                if not replace_foreign and _holds_an_answer(records_path):
                     raise ConfigError(self._mismatch_message(stored), self._mismatch_hint())
                 self._move_aside()
         if not manifest_path.exists():
@@ -117,7 +132,9 @@ class RequestCache:
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        archive = self.folder / f"replaced-{stamp}"
+        archive, number = self.folder / f"replaced-{stamp}", 1
+        while archive.exists():  # two replacements within one second
+            archive, number = self.folder / f"replaced-{stamp}-{number}", number + 1
         archive.mkdir()
         for name in (MANIFEST_FILE, RECORDS_FILE):
             if (self.folder / name).exists():

@@ -23,6 +23,7 @@ from alambic.generate.backends import make_backend
 from alambic.generate.backends.base import TeacherRequest
 from alambic.generate.backends.openai_backend import read_api_key
 from alambic.generate.cache import RequestCache, request_key
+from alambic.generate.checks import preflight
 from alambic.generate.config import GenerateConfig
 from alambic.generate.filters import Example, ExampleFilter
 from alambic.generate.inputs import read_table, require_columns
@@ -71,6 +72,7 @@ class GenerateRun:
             self.recipe.teacher_messages(record)
             self.recipe.student_prompt(record)
         example_filter = ExampleFilter(self.config.filters)  # reads evaluation sets: fail before any request
+        preflight(self.config)  # e.g. teacher.device=cuda without a GPU: before anything is written
         check_output_folder(self.run_dir, "output.dir")
         backend = make_backend(self.config.teacher, api_key)  # a missing local model fails here, before any write
         created = []
@@ -85,6 +87,7 @@ class GenerateRun:
             redact = Redactor(api_key, *url_secrets(self.config.teacher.base_url))
             runner = RequestRunner(backend, cache, self.params, self.config.teacher.retry, redact,
                                    show_progress=self.config.progress)
+            self.stats = runner.stats
             records, jobs, pool = asyncio.run(self._collect(backend, runner, records))
             teacher_rows, examples, rejected = self._assemble(jobs, cache)
         except BaseException:

@@ -59,7 +59,7 @@ def _hub_error(name: str, role: str, err: Exception) -> ModelError:
         return ModelError(
             f"{role} model {name!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1), "
             "and it is not in the local cache",
-            f"download it on a machine with network (huggingface-cli download {name} --local-dir DIR) "
+            f"download it on a machine with network (hf download {name} --local-dir DIR) "
             f"and set {role}.model to that folder",
         )
     return ModelError(

@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from alambic.compat import check_compatible
-from alambic.config import DistillConfig, dump_config
+from alambic.config import DistillConfig
+from alambic.output import describe_config
 from alambic.data import build_datasets, collate
 from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
@@ -73,7 +74,7 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     if print_config and is_main:
-        print(dump_config(config))
+        print(describe_config(config))  # one line; the full config with --verbose
     set_seed(config.train.seed)
     strategy = make_strategy(config, accelerator)  # ddp or fsdp (training/distributed.py)
 
