@@ -26,10 +26,16 @@ from alambic.errors import ConfigError
 
 @dataclass(frozen=True)
 class Feature:
-    """Something a config turns on; `label` is how messages name it."""
+    """Something a config turns on; `label` is how messages name it, `shown` the setting's value in this config."""
 
     label: str
     present: Callable[[object], bool]
+    shown: Callable[[object], str] | None = None
+
+    def describe(self, config=None) -> str:
+        if config is None or self.shown is None:
+            return self.label
+        return f"{self.label} ({self.shown(config)})"
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,9 @@ class Incompatible:
     why: str
     fix: str
 
-    def message(self) -> str:
-        return f"{FEATURES[self.a].label} cannot be used with {FEATURES[self.b].label}: {self.why}"
+    def message(self, config=None) -> str:
+        """The error; with `config`, the settings' values in it are named too."""
+        return f"{FEATURES[self.a].describe(config)} cannot be used with {FEATURES[self.b].describe(config)}: {self.why}"
 
 
 def _teacher_model(c) -> bool:
@@ -66,15 +73,20 @@ FEATURES: dict[str, Feature] = {
     "classification": Feature("task 'sequence_classification'", lambda c: c.task == "sequence_classification"),
     "packing": Feature("data.packing", lambda c: c.data.packing),
     "not_prompt_completion": Feature(
-        "a data.format other than prompt_completion", lambda c: c.data.format != "prompt_completion"),
+        "a data.format other than prompt_completion", lambda c: c.data.format != "prompt_completion",
+        lambda c: f"data.format is {c.data.format!r}"),
     # the loss
-    "top_k": Feature("loss.top_k", lambda c: c.loss.top_k is not None),
+    "top_k": Feature("loss.top_k", lambda c: c.loss.top_k is not None, lambda c: f"{c.loss.top_k}"),
+    "logit_softcap": Feature("loss.logit_softcap", lambda c: getattr(c.loss, "logit_softcap", None) is not None,
+                             lambda c: f"{c.loss.logit_softcap}"),
     "alpha_one": Feature("loss.alpha = 1", lambda c: c.loss.alpha >= 1.0),
     "cosine": Feature("loss.objective 'cosine'", lambda c: c.loss.objective == "cosine"),
-    "temperature_not_1": Feature("a loss.temperature other than 1", lambda c: c.loss.temperature != 1.0),
+    "temperature_not_1": Feature("a loss.temperature other than 1", lambda c: c.loss.temperature != 1.0,
+                                 lambda c: f"loss.temperature is {c.loss.temperature}"),
     "not_reverse_kl_t1": Feature(
         "a loss other than reverse_kl at temperature 1",
-        lambda c: c.loss.objective != "reverse_kl" or c.loss.temperature != 1.0),
+        lambda c: c.loss.objective != "reverse_kl" or c.loss.temperature != 1.0,
+        lambda c: f"loss.objective is {c.loss.objective!r} at temperature {c.loss.temperature}"),
     # where the teacher signal comes from
     "teacher": Feature("a `teacher:` section", lambda c: c.teacher is not None),
     "teacher_cache": Feature("teacher.cache", lambda c: c.teacher is not None and c.teacher.cache is not None),
@@ -89,6 +101,10 @@ FEATURES: dict[str, Feature] = {
         "no teacher (teacher, teachers, self_distill or co_distill)",
         lambda c: c.teacher is None and not c.teachers and not _self_teacher(c) and c.co_distill is None
         and not _record_logprobs(c)),
+    "served_teacher": Feature(
+        "a served teacher (teacher.server)", lambda c: c.teacher is not None and c.teacher.server is not None,
+        lambda c: f"teacher.server is {c.teacher.server}"),
+    "served_member": Feature("a served teacher in `teachers:`", lambda c: any(t.server is not None for t in c.teachers)),
     "record_logprobs": Feature(
         "data.logprobs_column as the teacher (stored top-k logprobs)", _record_logprobs),
     "student_from_teacher": Feature("student.from_teacher", lambda c: c.student.from_teacher is not None),
@@ -111,6 +127,11 @@ FEATURES: dict[str, Feature] = {
     "sequence_level": Feature("rollout.policy 'sequence_level'", lambda c: c.rollout.policy == "sequence_level"),
     "minillm": Feature("rollout.policy 'minillm'", lambda c: c.rollout.policy == "minillm"),
     "vllm": Feature("rollout.engine 'vllm'", lambda c: c.rollout.engine == "vllm"),
+    # how the run spreads over processes (training/distributed.py, docs/scale.md)
+    "fsdp": Feature("train.strategy 'fsdp'", lambda c: c.train.strategy == "fsdp"),
+    "fp16": Feature("train.mixed_precision 'fp16'", lambda c: c.train.mixed_precision == "fp16"),
+    "interchange": Feature("interchange", lambda c: c.interchange is not None),
+    "quantization": Feature("quantization", lambda c: c.quantization is not None),
     # transfer sets (data/transfer.py, losses/targets.py)
     "unlabelled_pool": Feature("data.unlabelled", lambda c: c.data.unlabelled is not None),
     "hard_targets": Feature("loss.teacher_targets 'hard'", lambda c: c.loss.teacher_targets == "hard"),
@@ -123,6 +144,8 @@ _SELF_FIX = "remove it, or set self_distill.teacher: none to keep it and train o
 _CO = "in co-distillation the student and its peers teach each other"
 _RECORD = "the teacher is the logprobs stored in the data"
 _RECORD_FIX = "remove it, or remove data.logprobs_column and give a teacher section"
+_FSDP_FIX = "use train.strategy: ddp for this mode (see docs/scale.md#what-runs-under-fsdp)"
+_FSDP_ONE_TEACHER = "only one live teacher is sharded; the others would be full copies on every process"
 _SPARSE_TOP_K = "a sparse teacher already holds only its own top-k tokens; loss.top_k would be silently ignored"
 
 INCOMPATIBLE: tuple[Incompatible, ...] = (
@@ -139,6 +162,8 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
                  "set loss.alpha below 1 (e.g. 0.5)"),
     Incompatible("cross_tokenizer", "top_k", "it picks teacher token ids the student does not have",
                  "remove loss.top_k"),
+    Incompatible("cross_tokenizer", "logit_softcap", "its ULD / projected-KL terms compare the two vocabularies' "
+                 "own distributions and would not cap them", "remove loss.logit_softcap"),
     Incompatible("cross_tokenizer", "packing", "the text of each row must be recovered on its own",
                  "set data.packing: false"),
     Incompatible("cross_tokenizer", "rollout", "rollouts score samples in one vocabulary",
@@ -172,7 +197,7 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("vllm", "minillm", "vLLM samples from a fixed model and the student changes every step",
                  "use rollout.engine: hf"),
     Incompatible("on_policy", "no_teacher_signal", "the teacher must score the student's new samples",
-                 "set teacher.model to a live teacher"),
+                 "set teacher.model to a live teacher, or teacher.server to a served one"),
     Incompatible("on_policy", "cached_teacher", "the teacher must score the student's new samples, and a cache only "
                  "covers the rows it was computed on", "set teacher.model to a live teacher (and remove teacher.cache)"),
     Incompatible("on_policy", "cached_member", "every teacher must score the student's new samples, and a cache "
@@ -194,6 +219,18 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("top_k", "record_logprobs", _SPARSE_TOP_K, "remove loss.top_k (the stored k applies)"),
     Incompatible("cosine", "cached_teacher", "cosine compares raw logits, and a logit cache holds only "
                  "log-probabilities", "use forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd"),
+    # a served teacher: top-k log-probabilities at temperature 1 from a server, per unpacked row
+    Incompatible("served_teacher", "classification", "a server returns next-token log-probabilities",
+                 "set task: causal_lm"),
+    Incompatible("served_teacher", "temperature_not_1", "the server returns log-probabilities at temperature 1 "
+                 "and a top-k distribution cannot be re-tempered", "set loss.temperature: 1"),
+    Incompatible("served_teacher", "cosine", "cosine compares raw logits, and a server returns top-k "
+                 "log-probabilities", "use forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd"),
+    Incompatible("served_teacher", "packing", "the server scores each row from position 0, and packed rows restart "
+                 "positions mid-row", "set data.packing: false"),
+    Incompatible("served_teacher", "top_k", _SPARSE_TOP_K, "remove loss.top_k (teacher.top_k applies)"),
+    Incompatible("teachers", "served_member", "ensemble members are loaded models or caches; a served member is "
+                 "not supported", "use one served teacher (teacher.server), or models and caches in teachers:"),
     # the teacher's logprobs stored in the data (alambic generate)
     Incompatible("record_logprobs", "not_prompt_completion", "the logprobs belong to a record's completion",
                  "write the generated data with output.student_format: prompt_completion"),
@@ -211,6 +248,36 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("record_logprobs", "representation", _RECORD, _RECORD_FIX),
     Incompatible("record_logprobs", "rollout", "a rollout replaces the completions the logprobs belong to",
                  _RECORD_FIX),
+    # FSDP (train.strategy: fsdp): what is sharded and tested is one student, one live teacher (or a
+    # cache / stored logprobs / no teacher), the logit losses (fused or not, top-k) on causal LMs.
+    Incompatible("fsdp", "rollout", "generating with a sharded student all-gathers every layer for every new "
+                 "token (a full set of collectives per token), which makes rollouts impractically slow", _FSDP_FIX),
+    Incompatible("fsdp", "teachers", _FSDP_ONE_TEACHER, _FSDP_FIX),
+    Incompatible("fsdp", "ensemble", _FSDP_ONE_TEACHER, _FSDP_FIX),
+    Incompatible("fsdp", "self_distill", "its EMA/frozen copy and early-exit heads read the student's full "
+                 "weights, which no process holds", _FSDP_FIX),
+    Incompatible("fsdp", "co_distill", "its peers are trained models outside the sharded student", _FSDP_FIX),
+    Incompatible("fsdp", "cross_tokenizer", "it decodes and re-tokenizes with the teacher model outside the "
+                 "sharded path", _FSDP_FIX),
+    Incompatible("fsdp", "representation", "its layer outputs and projections are not sharded or tested under "
+                 "FSDP", _FSDP_FIX),
+    Incompatible("fsdp", "student_from_teacher", "the student would be cut from the sharded teacher's layers",
+                 "build the student first (alambic init-student) and set student.model, or use train.strategy: ddp"),
+    Incompatible("fsdp", "classification", "only causal LMs are sharded per decoder layer", _FSDP_FIX),
+    Incompatible("fsdp", "interchange", "its forward hooks swap activations of whole blocks, which FSDP holds "
+                 "only while a block runs; not sharded or tested under FSDP", _FSDP_FIX),
+    Incompatible("fsdp", "quantization", "fake-quantized weights are not tested on sharded parameters", _FSDP_FIX),
+    Incompatible("fsdp", "fp16", "fp16 needs a gradient scaler, which the FSDP path does not use",
+                 "use train.mixed_precision: bf16 (or no)"),
+    # interchange interventions: one live teacher run again with swapped activations
+    Incompatible("interchange", "classification", "it trains next-token distributions under interventions",
+                 "remove interchange, or set task: causal_lm"),
+    Incompatible("interchange", "no_teacher_model", "it runs one live teacher model again with swapped activations",
+                 "set teacher.model to a model folder (not teacher.cache, teachers:, self_distill or co_distill)"),
+    Incompatible("interchange", "cross_tokenizer", _ONE_TOKENIZATION, _CROSS_FIX),
+    # quantization-aware training: the compressed-tensors export
+    Incompatible("quantization", "classification", "its export (compressed-tensors) is written and tested for "
+                 "causal LMs only", "remove quantization, or set task: causal_lm"),
     # transfer sets: the teacher labels the unlabelled rows
     Incompatible("unlabelled_pool", "no_teacher_signal", "rows without gold labels learn only from a teacher",
                  "add a teacher section (teacher.model or teacher.cache), or remove data.unlabelled"),
@@ -235,7 +302,7 @@ def check_compatible(config) -> None:
     if not broken:
         return
     if len(broken) == 1:
-        raise ConfigError(broken[0].message(), broken[0].fix)
-    lines = "\n".join(f"  - {row.message()} (fix: {row.fix})" for row in broken)
+        raise ConfigError(broken[0].message(config), broken[0].fix)
+    lines = "\n".join(f"  - {row.message(config)} (fix: {row.fix})" for row in broken)
     raise ConfigError(f"{len(broken)} pairs of settings in this config cannot be combined:\n{lines}",
                       "apply the fixes listed above")

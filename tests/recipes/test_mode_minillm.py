@@ -8,9 +8,8 @@ import torch
 from helpers import invoke, kd_config, write_config
 
 from alambic.losses import token_divergence
-from alambic.training.modes.minillm import (
-    estimate_sequence_reverse_kl, importance_weights, long_term_surrogate, mixture_log_probs,
-)
+from alambic.training.modes.minillm import estimate_sequence_reverse_kl, importance_weights, long_term_surrogate
+from alambic.training.sampling import mixture_log_probs
 
 VOCAB, LENGTH = 3, 3
 START = VOCAB  # the "previous token" of the first position

@@ -239,7 +239,7 @@ def test_temperature_other_than_one_is_a_clear_error(tmp_path, tokenizer_dir, to
     config = write_config(tmp_path / "soft.yaml", soft_config(tmp_path, tokenizer_dir, tokenizer, temperature=2.0))
     code, _, err = invoke(capsys, "distill", config)
     assert code == 2
-    assert "a loss.temperature other than 1" in err and "cannot be re-tempered" in err and "set loss.temperature=1" in err
+    assert "loss.temperature is 2.0" in err and "cannot be re-tempered" in err and "set loss.temperature=1" in err
     assert not (tmp_path / "run").exists()
 
 

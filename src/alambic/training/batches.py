@@ -23,7 +23,8 @@ class BatchPlan:
         if epoch not in self._orders:
             order = list(range(self.n_rows))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}  # keep one epoch: plans are read forward
+            # Plans are read forward (a served teacher's prefetch reads a few steps ahead): keep two epochs.
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1} | {epoch: order}
         return self._orders[epoch]
 
     def row(self, sample: int) -> int:

@@ -13,10 +13,14 @@ so a resumed run draws the same samples, and never shifts the global RNG.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import math
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from alambic.data import IGNORE, collate
 from alambic.errors import ConfigError
@@ -163,3 +167,82 @@ def import_vllm():
             "pip install vllm (needs a CUDA GPU), or set rollout.engine: hf",
         ) from None
     return vllm
+
+
+# ----------------------------------------------------------------------------- MiniLLM's mixture sampling
+
+
+def mixture_log_probs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_mix: float) -> torch.Tensor:
+    """log((1 - a) q + a p), stably."""
+    if teacher_mix <= 0.0:
+        return student_logprobs
+    stacked = torch.stack([student_logprobs + math.log(1.0 - teacher_mix), teacher_logprobs + math.log(teacher_mix)])
+    return torch.logsumexp(stacked, dim=0)
+
+
+@dataclass
+class MixtureSamples:
+    """Sampled completions and, per sampled token, log q (student), log p (teacher) and log mixture."""
+
+    tokens: list[list[int]]
+    student_logprob: list[list[float]]
+    teacher_logprob: list[list[float]]
+    sampling_logprob: list[list[float]]
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x calls the KV cache `cache`; 4.x called it `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _next_logprobs(model, cache, step_ids, attention_mask, positions, vocab_size):
+    name = _cache_argument(model)
+    out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                **{name: cache})
+    logits = out.logits[:, -1].float()
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    return F.log_softmax(logits, dim=-1), getattr(out, name)
+
+
+@torch.no_grad()
+def sample_from_mixture(student_model, teacher_model, prompts: list[list[int]], *, max_new_tokens: int,
+                        teacher_mix: float, pad_id: int, eos_id: int | None, seed: int,
+                        vocab_size: int | None = None) -> MixtureSamples:
+    """Token-by-token sampling from (1 - a) q + a p, both models advancing their own KV cache."""
+    device = next(student_model.parameters()).device
+    step_ids, attention_mask = left_pad(prompts, pad_id, device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    caches: list = [None, None]
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    columns: dict[str, list[torch.Tensor]] = {"token": [], "student": [], "teacher": [], "sampling": [], "alive": []}
+    with eval_mode(student_model, teacher_model):
+        for _ in range(max_new_tokens):
+            student_lp, caches[0] = _next_logprobs(student_model, caches[0], step_ids, attention_mask, positions, vocab_size)
+            teacher_lp, caches[1] = _next_logprobs(teacher_model, caches[1], step_ids, attention_mask, positions, vocab_size)
+            sampling_lp = mixture_log_probs(student_lp, teacher_lp, teacher_mix)
+            token = torch.multinomial(sampling_lp.exp(), 1, generator=generator)
+            for name, values in (("student", student_lp), ("teacher", teacher_lp), ("sampling", sampling_lp)):
+                columns[name].append(values.gather(-1, token).squeeze(-1))
+            token = token.squeeze(-1)
+            columns["token"].append(token)
+            columns["alive"].append(alive.clone())
+            if eos_id is not None:
+                alive = alive & (token != eos_id)
+            if not alive.any():
+                break
+            step_ids = torch.where(alive, token, torch.full_like(token, pad_id)).unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=-1)
+            positions = positions[:, -1:] + 1
+    return _collect(columns)
+
+
+def _collect(columns: dict[str, list[torch.Tensor]]) -> MixtureSamples:
+    stacked = {name: torch.stack(values, dim=1).tolist() for name, values in columns.items()}
+    kept = [[j for j, alive in enumerate(row) if alive] for row in stacked["alive"]]
+
+    def pick(name):
+        return [[stacked[name][i][j] for j in keep] for i, keep in enumerate(kept)]
+
+    return MixtureSamples(pick("token"), pick("student"), pick("teacher"), pick("sampling"))

@@ -1,0 +1,1 @@
+"""Loopback test doubles for served teachers: a prompt-logprob server around a real model."""
