@@ -8,29 +8,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from alambic.errors import AlambicError, ConfigError
+from alambic.generate.url_check import check_base_url  # noqa: F401  (re-exported)
 
 LOGPROB_BACKENDS = ("vLLM's server (vllm serve MODEL)", "the OpenAI API", "the local `hf` backend (teacher.backend: hf)")
-
-
-def check_base_url(value: str | None) -> str | None:
-    """`http://host[:port]/path` or `https://...`; anything else cannot be a server address."""
-    if value is None:
-        return value
-    try:
-        parts = urlsplit(value.strip())
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        parts, port_ok = None, False
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        shown = value if "@" not in value else "<url with credentials>"
-        raise ValueError(
-            f"base_url {shown!r} is not an http(s) URL with a host; write it like http://127.0.0.1:8000/v1 "
-            "or https://api.openai.com/v1"
-        )
-    return value.strip()
 
 
 def require_logprobs(replies, params: dict, backend_label: str) -> None:
