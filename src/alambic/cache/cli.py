@@ -90,6 +90,7 @@ def cache_logits(
     from alambic.config import DistillConfig, load_config
     from alambic.data import build_datasets
     from alambic.models import freeze, load_model, load_tokenizer
+    from alambic.output_paths import check_output_folder
 
     config = load_config(config_path, overrides, DistillConfig)
     if config.task != "causal_lm":
@@ -99,6 +100,7 @@ def cache_logits(
     folder = out or config.teacher.cache
     if folder is None:
         raise ConfigError("where should the cache go? pass --out FOLDER (or set teacher.cache)")
+    check_output_folder(folder, "--out" if out else "teacher.cache")
     tokenizer = load_tokenizer(config.teacher, role="teacher")
     vocab_size = len(tokenizer)
     if not 1 <= k <= vocab_size:

@@ -59,7 +59,10 @@ def pad_rows(rows: list[dict], pad_token_id: int) -> dict:
 
 
 def _refuse_foreign_folder(folder: Path) -> None:
-    if folder.exists() and any(folder.iterdir()) and not (folder / MANIFEST_NAME).exists():
+    from alambic.folder_lock import RUN_LOCK_NAME
+
+    occupied = folder.exists() and any(entry.name != RUN_LOCK_NAME for entry in folder.iterdir())
+    if occupied and not (folder / MANIFEST_NAME).exists():  # a run's lock alone does not make it foreign
         raise DataError(
             f"{folder} is not empty and is not a logit cache (no {MANIFEST_NAME})",
             "choose an empty or new folder for --out",

@@ -21,14 +21,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from alambic.compat import check_compatible
-from alambic.config import DistillConfig, dump_config
+from alambic.config import DistillConfig
+from alambic.output import describe_config
 from alambic.data import build_datasets, collate
 from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
 from alambic.training.distributed import check_launcher, make_strategy
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
+from alambic.training.nonfinite import NonFiniteGuard
+from alambic.training.preflight import check_class_labels
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
+from alambic.training.run_lock import hold_run_folder
 from alambic.training.setup import build_models
 from alambic.training.step_loss import loss_positions, loss_sums
 
@@ -57,6 +61,11 @@ def make_accelerator(config: DistillConfig, run_dir: Path) -> Accelerator:
 def run_distillation(
     config: DistillConfig, overwrite: bool = False, resume: bool = False, print_config: bool = False
 ) -> RunResult:
+    with hold_run_folder(config.train.output_dir):  # one run per folder, for the whole run (run_lock.py)
+        return _run_distillation(config, overwrite, resume, print_config)
+
+
+def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, print_config: bool) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
     check_compatible(config)
@@ -65,7 +74,7 @@ def run_distillation(
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     if print_config and is_main:
-        print(dump_config(config))
+        print(describe_config(config))  # one line; the full config with --verbose
     set_seed(config.train.seed)
     strategy = make_strategy(config, accelerator)  # ddp or fsdp (training/distributed.py)
 
@@ -73,6 +82,7 @@ def run_distillation(
     setup = build_models(config, strategy.build_device)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
+    check_class_labels(config, student, train_data, eval_data)  # before anything is written (preflight.py)
     teacher = setup.bind_teacher(train_data)
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
     if is_main:
@@ -95,6 +105,7 @@ def run_distillation(
     progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main)
     pad_id = tokenizer.pad_token_id
     last_eval: dict = {}
+    guard = NonFiniteGuard(config.train.nonfinite_skips, run_dir, accelerator)
     student.train()
     for step in range(start_step + 1, config.train.max_steps + 1):
         started = time.perf_counter()
@@ -122,6 +133,9 @@ def run_distillation(
         grad_norm = None
         if config.train.max_grad_norm is not None:
             grad_norm = strategy.clip_grad_norm(student, config.train.max_grad_norm)
+        if not guard.step_ok(step, totals["loss"], grad_norm, student):  # NaN/inf: skip, or stop (exit 3)
+            optimizer.zero_grad(set_to_none=True)
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -146,6 +160,11 @@ def run_distillation(
             strategy.save_checkpoint(run_dir, step, student, optimizer, scheduler, {"loss": record["loss"]}, config.train.keep_last)
     progress.close()
 
+    if not last_eval and eval_data is not None:  # resumed with no step left: the export still gets its metrics
+        last_eval = evaluate(
+            strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,
+            config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
+        )
     accelerator.wait_for_everyone()
     history = _read_history(run_dir / "metrics.jsonl")
     strategy.export(student, tokenizer, run_dir, last_eval, setup.teacher_name)

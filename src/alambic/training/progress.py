@@ -15,13 +15,13 @@ class TrainingProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("{task.fields[rate]}"),
             TextColumn("{task.fields[extra]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task(description, total=total_steps, completed=start_step, loss=float("nan"), tps=0.0, extra="")
+        self.task = self.progress.add_task(description, total=total_steps, completed=start_step, loss=float("nan"), rate="", extra="")
 
     def update(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -31,7 +31,9 @@ class TrainingProgress:
             extra = f"eval KL {record['eval_kl']:.4f}"
         elif "eval_ce" in record:
             extra = f"eval CE {record['eval_ce']:.4f}"
-        self.progress.update(self.task, completed=step, loss=record["loss"], tps=record["tokens_per_s"], extra=extra)
+        tokens_per_s = record.get("tokens_per_s") or 0.0
+        rate = f"{tokens_per_s:,.0f} tok/s" if tokens_per_s > 0 else ""  # no "0 tok/s" where nothing counts tokens
+        self.progress.update(self.task, completed=step, loss=record["loss"], rate=rate, extra=extra)
 
     def close(self) -> None:
         if self.enabled:

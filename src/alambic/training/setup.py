@@ -78,7 +78,7 @@ def _config_teacher(config: DistillConfig, teacher_model, vocab_size, tokenizer)
     if teacher_cfg is not None and teacher_cfg.cache is not None:
         from alambic.teachers.cached import CachedTeacher
 
-        return TeacherChoice(CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}", False)
+        return TeacherChoice(CachedTeacher(teacher_cfg.cache, verify="all"), f"logit cache {teacher_cfg.cache}", False)
     if teacher_cfg is not None and teacher_cfg.server is not None:  # never loaded here: asked over HTTP
         from alambic.teachers.served import ServedTeacher
 
