@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "alambic.models.init_student_cli",  # init-student
     "alambic.training.progressive_cli",  # progressive
     "alambic.reward.cli",  # reward-distill
+    "alambic.plan.cli",  # plan
 )
 
 

@@ -25,6 +25,7 @@ from alambic.config_modes import (
     RolloutConfig,
     SelfDistillConfig,
 )
+from alambic.config_scale import FSDPConfig, Strategy
 from alambic.config_served import ServedTeacherOptions
 from alambic.errors import ConfigError
 from alambic.objective_names import OBJECTIVES
@@ -121,10 +122,13 @@ class LossConfig(Strict):
     temperature: float = Field(1.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label CE (Hinton's alpha)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation")
-    skew_alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew KL mixing weight (DistiLLM)")
+    skew_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew KL mixing weight (DistiLLM), in (0, 1)")
     top_k: int | None = Field(None, ge=1, description="restrict the teacher distribution to its top-k tokens")
     fused: bool = Field(True, description="chunked LM-head loss for causal LMs (never materialises N x V logits)")
     chunk_size: int = Field(1024, ge=1)
+    logit_softcap: float | None = Field(
+        None, gt=0.0, description="cap both logit tensors inside the loss, c * tanh(z / c) (Gemma 2 uses 30)"
+    )
 
     @field_validator("objective")
     @classmethod
@@ -153,6 +157,8 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     progress: bool = True
+    strategy: Strategy = Field("ddp", description="ddp: a full replica per process; fsdp: sharded (docs/scale.md)")
+    fsdp: FSDPConfig = FSDPConfig()
     nonfinite_skips: int = Field(
         0, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops (exit 3)"
     )

@@ -205,7 +205,8 @@ def write_logit_cache(
     done_tokens = sum(entry["tokens"] for entry in manifest["shards"])
     with _progress_bar(progress) as bar:
         task = bar.add_task("cache", total=identity.num_tokens, completed=done_tokens, shard="")
-        for index in range(len(manifest["shards"]), identity.num_shards):
+        done = {entry["index"] for entry in manifest["shards"]}  # not a prefix after a multi-process run
+        for index in (i for i in range(identity.num_shards) if i not in done):
             start, stop = identity.shard_bounds(index)
             bar.update(task, shard=f"{index + 1}/{identity.num_shards}")
             offsets, records = encode_shard_rows(
@@ -218,6 +219,7 @@ def write_logit_cache(
                 {"index": index, "file": name, "rows": [start, stop], "tokens": int(offsets[-1]), "bytes": size, "sha256": checksum}
             )
             write_manifest(folder, manifest)
+    manifest["shards"].sort(key=lambda entry: entry["index"])
     manifest["complete"] = True
     write_manifest(folder, manifest)
     return manifest

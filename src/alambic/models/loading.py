@@ -89,8 +89,12 @@ def load_tokenizer(model_cfg: ModelConfig, role: str = "student"):
     return tokenizer
 
 
-def load_model(model_cfg: ModelConfig, task: str, role: str):
-    """AutoModelForCausalLM / AutoModelForSequenceClassification from the config."""
+def load_model(model_cfg: ModelConfig, task: str, role: str, empty: bool = False):
+    """AutoModelForCausalLM / AutoModelForSequenceClassification from the config.
+
+    `empty`: build the model on the meta device from its config.json only (shapes, no weights);
+    sharded runs fill it from the main process (training/distributed.py).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = resolve_model_source(model_cfg.model, role)
@@ -103,12 +107,27 @@ def load_model(model_cfg: ModelConfig, task: str, role: str):
     if Path(source).is_dir():
         check_weight_files(Path(source), role, getattr(model_cfg, "allow_pickle_weights", False))
     try:
+        if empty:
+            return _empty_model(auto, source, kwargs)
         model = auto.from_pretrained(source, local_files_only=_is_offline(), **kwargs)
     except (OSError, ValueError, pickle.UnpicklingError) as err:
         if Path(source).exists():
             raise ModelError(f"cannot load the {role} model from {source!r}: {err}") from None
         raise _hub_error(model_cfg.model, role, err) from None
     return model
+
+
+def _empty_model(auto, source, kwargs):
+    from transformers import AutoConfig
+
+    dtype = kwargs.pop("dtype")
+    config = AutoConfig.from_pretrained(source, local_files_only=_is_offline(), **kwargs)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=dtype, trust_remote_code=kwargs.get("trust_remote_code", False))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
