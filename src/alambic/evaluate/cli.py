@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="evaluation file (jsonl/csv/parquet)"),
         task: Optional[str] = typer.Option(None, "--task", help="causal_lm or sequence_classification"),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per example / LM window"),
-        limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N records only"),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="evaluate the first N records only"),
         speed: bool = typer.Option(True, "--speed/--no-speed", help="measure latency, throughput and memory"),
         output_dir: Optional[str] = typer.Option(None, "--out", help="folder for metrics.json and report.html"),
     ) -> None:
@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
         from alambic.evaluate.report import write_report
         from alambic.evaluate.targets import apply_options, resolve_target
         from alambic.durable import atomic_write_text
+        from alambic.output_paths import check_output_folder
 
         if task not in (None, "causal_lm", "sequence_classification"):
             raise ConfigError(f"unknown task {task!r}", "use --task causal_lm or --task sequence_classification")
         plan = apply_options(resolve_target(target), list(student or []), data, task, max_length, output_dir)
+        check_output_folder(plan.output_dir, "--out" if output_dir else "the eval output folder")
         report = evaluate_plan(plan, speed, limit)
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(plan.output_dir / "metrics.json", json.dumps(report, indent=2))

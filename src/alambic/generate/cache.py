@@ -15,7 +15,6 @@ end up in one dataset.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from alambic.durable import atomic_write_bytes, fsync_dir
 from alambic.errors import ConfigError, DataError
+from alambic.folder_lock import FolderLock
 
 CACHE_FORMAT = 1
 RECORDS_FILE = "requests.jsonl"
@@ -103,16 +103,10 @@ class RequestCache:
 
     def _take_lock(self) -> None:
         # flock dies with the process, so a kill -9 never leaves a stale lock behind.
-        self._lock_handle = open(self.folder / "lock", "a")
-        try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_handle.close()
-            self._lock_handle = None
-            raise ConfigError(
-                f"another `alambic generate` is writing the cache in {str(self.folder)!r}",
-                "wait for it to finish or stop it; two runs must not share one output.dir",
-            ) from None
+        self._lock_handle = FolderLock(
+            self.folder, "lock", f"another `alambic generate` is writing the cache in {str(self.folder)!r}",
+            "wait for it to finish or stop it; two runs must not share one output.dir",
+        ).acquire()
 
     def _read_manifest(self, path: Path) -> dict:
         if not path.exists():
@@ -233,5 +227,5 @@ class RequestCache:
             os.close(self._descriptor)
             self._descriptor = None
         if self._lock_handle is not None:
-            self._lock_handle.close()
+            self._lock_handle.release()
             self._lock_handle = None

@@ -37,6 +37,9 @@ class Redactor:
         self.secrets = [secret for secret in secrets if secret and len(secret) >= 4]
 
     def __call__(self, text: str) -> str:
+        from alambic.redact import redact_text
+
+        text = redact_text(text)  # user:password inside any URL
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from alambic.errors import ConfigError, DataError, ModelError
-from alambic.losses.divergences import OBJECTIVES
+from alambic.losses.checks import check_loss_parameters
+from alambic.losses.divergences import softcap
 from alambic.losses.fused_kernels import (
     IGNORE_INDEX,
     LossSpec,
@@ -34,6 +35,7 @@ from alambic.losses.fused_kernels import (
     compiled_block_loss_and_grad,
 )
 from alambic.losses.fused_threads import eager_chunk_loss_and_grad
+from alambic.losses.logit_transform import IDENTITY, LogitTransform
 
 
 # compile=True runs blocks of about this many logits: few, large fused kernels,
@@ -57,6 +59,9 @@ class _Plan:
     chunk_size: int = 1024
     compiled: bool = False
     scale: float = 1.0  # 1 for "sum", 1 / count for "mean"
+    student_transform: LogitTransform = IDENTITY  # the model's own transform, then loss.logit_softcap
+    teacher_transform: LogitTransform = IDENTITY  # for teacher head logits (dense ones are as given)
+    logit_softcap: float | None = None  # applied to dense teacher logits
 
 
 def _select(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -150,6 +155,18 @@ def _compiled_chunk_loss_and_grad(logits, teacher_logits, labels, spec: LossSpec
     return kd_sum, ce_sum, logits
 
 
+def _chunk_teacher(plan: _Plan, teacher: _Head | None, start: int, stop: int, compute) -> torch.Tensor | None:
+    """Teacher logits of counted rows start:stop, transformed as its model (and the loss) does."""
+    if teacher is not None:
+        logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute))
+        if not plan.teacher_transform.is_identity:
+            plan.teacher_transform.apply_(logits, want_derivative=False)
+        return logits
+    if plan.teacher_logits is not None:
+        return softcap(_select(plan.teacher_logits.detach(), plan.rows, start, stop), plan.logit_softcap)
+    return None
+
+
 def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool, bool]):
     """KD and CE sums and the unscaled gradient sums over all counted rows."""
     compute = _compute_dtype(hidden, weight, plan.teacher_hidden, plan.teacher_weight)
@@ -162,16 +179,16 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
     chunk_math = _compiled_chunk_loss_and_grad if plan.compiled else eager_chunk_loss_and_grad
     kd_total = torch.zeros((), dtype=compute, device=hidden.device)
     ce_total = torch.zeros((), dtype=compute, device=hidden.device)
+    student_transform = None if plan.student_transform.is_identity else plan.student_transform
     for start in range(0, plan.row_count, chunk):
         stop = min(start + chunk, plan.row_count)
         chunk_hidden = _select(hidden.detach(), plan.rows, start, stop).to(compute)
-        teacher_logits = None
-        if teacher is not None:
-            teacher_logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute))
-        elif plan.teacher_logits is not None:
-            teacher_logits = _select(plan.teacher_logits.detach(), plan.rows, start, stop)
         labels = None if plan.labels is None else plan.labels[start:stop]
-        kd, ce, grad_logits = chunk_math(student.logits(chunk_hidden), teacher_logits, labels, plan.spec)
+        logits = student.logits(chunk_hidden)
+        derivative = None if student_transform is None else student_transform.apply_(logits, want_derivative=True)
+        kd, ce, grad_logits = chunk_math(logits, _chunk_teacher(plan, teacher, start, stop, compute), labels, plan.spec)
+        if derivative is not None:
+            grad_logits.mul_(derivative)  # chain rule through the logit transformation
         kd_total += kd
         ce_total += ce
         grads.add_chunk(start, stop, grad_logits, chunk_hidden)
@@ -218,22 +235,17 @@ class _FusedHeadDistillation(torch.autograd.Function):
         return results[0], results[1], results[2], None
 
 
-def _check_options(objective, temperature, reduction, chunk_size, top_k) -> None:
-    if objective not in OBJECTIVES:
-        raise ConfigError(
-            f"fused_distillation_loss: unknown objective {objective!r}",
-            hint=f"choose one of {', '.join(OBJECTIVES)}",
-        )
-    if not temperature > 0:
-        raise ConfigError(f"fused_distillation_loss: temperature must be > 0, got {temperature}")
+def _check_options(objective, temperature, reduction, chunk_size, top_k, alpha, beta, skew_alpha, logit_softcap) -> None:
+    check_loss_parameters(
+        "fused_distillation_loss", objective=objective, temperature=temperature, alpha=alpha, beta=beta,
+        skew_alpha=skew_alpha, top_k=top_k, logit_softcap=logit_softcap,
+    )
     if reduction not in ("sum", "mean"):
         raise ConfigError(
             f"fused_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}"
         )
     if chunk_size < 1:
         raise ConfigError(f"fused_distillation_loss: chunk_size must be >= 1, got {chunk_size}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"fused_distillation_loss: top_k must be >= 1 or None, got {top_k}")
 
 
 def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_weight, teacher_bias, teacher_logits):
@@ -349,6 +361,9 @@ def fused_distillation_loss(
     chunk_size: int = 1024,
     compile: bool = False,
     reduction: str = "sum",
+    logit_softcap: float | None = None,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> dict[str, torch.Tensor]:
     """{"loss", "kd", "ce"} of `per_token_distillation_loss`, reduced over counted rows.
 
@@ -360,8 +375,13 @@ def fused_distillation_loss(
     to the student's hidden states, head weight and bias; "kd" and "ce" are detached
     metrics and the teacher gets no gradient. `compile=True` runs the per-chunk math
     through torch.compile. A backward with retain_graph=True can run only once.
+
+    `student_transform` / `teacher_transform` (alambic.losses.logit_transform) are
+    what each model's forward() does after its head (Gemma soft-capping, Granite
+    and Cohere scaling); `logit_softcap` caps both sides inside the loss, after
+    them (dense `teacher_logits` are taken as the teacher's final logits).
     """
-    _check_options(objective, temperature, reduction, chunk_size, top_k)
+    _check_options(objective, temperature, reduction, chunk_size, top_k, alpha, beta, skew_alpha, logit_softcap)
     _check_shapes(
         student_hidden, student_head_weight, student_head_bias, labels, mask,
         teacher_hidden, teacher_head_weight, teacher_head_bias, teacher_logits,
@@ -375,6 +395,9 @@ def fused_distillation_loss(
     }
     plan = _make_plan(student_hidden, student_head_weight.shape[0], labels, mask, teacher, alpha, options)
     plan.chunk_size, plan.compiled = chunk_size, compile
+    plan.student_transform = (student_transform or IDENTITY).with_cap(logit_softcap)
+    plan.teacher_transform = (teacher_transform or IDENTITY).with_cap(logit_softcap)
+    plan.logit_softcap = logit_softcap
     if reduction == "mean":
         plan.scale = 1.0 / max(plan.row_count, 1)
     loss, kd, ce = _FusedHeadDistillation.apply(student_hidden, student_head_weight, student_head_bias, plan)

@@ -6,7 +6,8 @@ Depth: keep a list of layers, every k-th layer, or a uniform selection
 lowest activation importance on calibration text (models/pruning.py). The
 student is saved with save_pretrained (safetensors) and the teacher's tokenizer,
 ready for `alambic distill` as `student.model`; `quantize: int8` also writes a
-weight-only int8 copy (models/quantize.py). Parameters, size on disk, held-out
+weight-only int8 copy in the compressed-tensors format (models/qat.py), which
+`from_pretrained` loads. Parameters, size on disk, held-out
 CE and KL to the teacher are printed and written to `init_report.json`.
 
     alambic init-student configs/init_student.yaml
@@ -23,8 +24,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from alambic.config import ModelConfig, Strict
-from alambic.durable import atomic_dir
 from alambic.errors import ConfigError
+from alambic.output_paths import atomic_output_dir, check_output_folder
 
 Keep = int | float
 
@@ -224,8 +225,20 @@ def print_report(report: dict) -> None:
         console.print("[yellow]note:[/] the report is on the calibration text (no held-out rows were left)")
 
 
+def _write_int8(student, tokenizer, evaluation, teacher, config, device, folder: Path) -> dict:
+    """folder/int8: weight-only int8 of every linear layer (an untied head too; a tied one shares the float
+    embedding), one scale per output row, compressed-tensors (from_pretrained loads it)."""
+    from alambic.models.qat import export_compressed, quantizable_linears, quantized_copy
+
+    export_compressed(student, folder / "int8", 8, None, ignore=(), tokenizer=tokenizer)
+    row = describe(quantized_copy(student, 8, None, ignore=()), tokenizer, evaluation, teacher, config, device)
+    row["size_bytes"] = folder_bytes(folder / "int8")
+    row["quantized_modules"] = len(quantizable_linears(student, None, []))
+    return row
+
+
 def _check_output(config: InitStudentConfig, overwrite: bool) -> Path:
-    output = Path(config.output_dir)
+    output = check_output_folder(config.output_dir, "output_dir")
     if output.exists() and not overwrite:
         raise ConfigError(f"output_dir {str(output)!r} already exists", "pass --overwrite or choose another output_dir")
     return output
@@ -234,7 +247,7 @@ def _check_output(config: InitStudentConfig, overwrite: bool) -> Path:
 def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     """Build, save and evaluate the student; returns the report (also in output_dir/init_report.json)."""
     from alambic.models import freeze, load_model, load_tokenizer
-    from alambic.models.quantize import quantize_int8, save_int8, state_bytes
+    from alambic.models.quantize import state_bytes
 
     output = _check_output(config, overwrite)
     device = _device(config.device)
@@ -242,7 +255,7 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     calibration, evaluation, on_calibration = load_texts(config, tokenizer)
     teacher = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     student = shrink(teacher, config, calibration, tokenizer, device)
-    with atomic_dir(output) as temporary:
+    with atomic_output_dir(output) as temporary:  # no empty parent folder is left behind on failure
         student.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         report = {"method": config.method, "output_dir": str(output), "teacher_model": config.teacher.model}
@@ -255,11 +268,7 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
         report["student"]["kept_layers"] = getattr(student.config, "alambic_selected_layers", None)
         report["student"]["averaged_layers"] = getattr(student.config, "alambic_averaged_layers", None)
         if config.quantize == "int8":
-            quantized, names = quantize_int8(student)
-            save_int8(quantized, names, temporary / "int8", tokenizer)
-            report["student_int8"] = describe(quantized, tokenizer, evaluation, teacher, config, device)
-            report["student_int8"]["size_bytes"] = folder_bytes(temporary / "int8")
-            report["student_int8"]["quantized_modules"] = len(names)
+            report["student_int8"] = _write_int8(student, tokenizer, evaluation, teacher, config, device, temporary)
         report["eval"] = {"source": config.data.eval or config.data.calibration, "rows": len(evaluation),
                           "on_calibration_text": on_calibration, "calibration_rows": len(calibration)}
         (temporary / "init_report.json").write_text(json.dumps(report, indent=2))

@@ -1,4 +1,7 @@
-"""Weight-only int8 quantization of a student's linear layers, saved as safetensors.
+"""Legacy: the private weight-only int8 format of early init-student folders, kept to read them.
+
+init-student now writes int8 in the compressed-tensors format (models/qat.py), which
+`from_pretrained` and vLLM load; `load_int8` still reads the old folders below.
 
 Each `nn.Linear` weight is stored as int8 with one fp32 scale per output row
 (symmetric: scale = max |w| / 127), and dequantized on the fly in the forward

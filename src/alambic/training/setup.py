@@ -54,7 +54,12 @@ class RunSetup:
         return self.teacher
 
 
-def _student_model(config: DistillConfig, teacher_model):
+def _empty(device) -> bool:
+    """A meta build device: shapes only, the weights come from the main process (FSDP, training/distributed.py)."""
+    return getattr(device, "type", str(device)) == "meta"
+
+
+def _student_model(config: DistillConfig, teacher_model, device=None):
     if config.student.from_teacher is not None:
         from alambic.models.student import layer_indices_for, select_layers
 
@@ -62,7 +67,7 @@ def _student_model(config: DistillConfig, teacher_model):
         total = teacher_model.config.num_hidden_layers
         keep = init.num_layers or (None if init.every_k is not None else max(1, total // 2))
         return select_layers(teacher_model, layer_indices_for(total, keep, init.layers, init.every_k))
-    return load_model(config.student, config.task, role="student")
+    return load_model(config.student, config.task, role="student", empty=_empty(device))
 
 
 def _config_teacher(config: DistillConfig, teacher_model, vocab_size, tokenizer) -> TeacherChoice:
@@ -73,7 +78,7 @@ def _config_teacher(config: DistillConfig, teacher_model, vocab_size, tokenizer)
     if teacher_cfg is not None and teacher_cfg.cache is not None:
         from alambic.teachers.cached import CachedTeacher
 
-        return TeacherChoice(CachedTeacher(teacher_cfg.cache), f"logit cache {teacher_cfg.cache}", False)
+        return TeacherChoice(CachedTeacher(teacher_cfg.cache, verify="all"), f"logit cache {teacher_cfg.cache}", False)
     if teacher_cfg is not None and teacher_cfg.server is not None:  # never loaded here: asked over HTTP
         from alambic.teachers.served import ServedTeacher
 
@@ -94,8 +99,8 @@ def build_models(config: DistillConfig, device, mode_order=None) -> RunSetup:
     teacher_model = teacher_tokenizer = None
     if teacher_cfg is not None and teacher_cfg.model is not None:
         teacher_tokenizer = load_tokenizer(teacher_cfg, role="teacher")
-        teacher_model = freeze(load_model(teacher_cfg, config.task, role="teacher")).to(device)
-    student_model = _student_model(config, teacher_model)
+        teacher_model = freeze(load_model(teacher_cfg, config.task, role="teacher", empty=_empty(device))).to(device)
+    student_model = _student_model(config, teacher_model, device)
     for parameter in student_model.parameters():
         parameter.requires_grad_(True)
     student_model.train()

@@ -63,7 +63,7 @@ class StepOutputs:
         if self.outputs.get("logits") is not None:
             return self.outputs["logits"]
         weight, bias = self.module.head_parameters()
-        return F.linear(self.outputs["hidden"], weight, bias)
+        return self.module.logit_transform().apply(F.linear(self.outputs["hidden"], weight, bias))
 
 
 def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> bool:
@@ -76,25 +76,27 @@ def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> boo
     )
 
 
-def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options: LossOptions) -> dict:
-    """Per-position {"loss", "kd", "ce"} of aligned student logits against any kind of signal."""
+def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options: LossOptions, mask=None) -> dict:
+    """Per-position {"loss", "kd", "ce"} of aligned student logits against any kind of signal.
+
+    Positions outside `mask` are never read (a NaN there cannot reach the sums or gradients)."""
     if signal is None:
-        return per_token_distillation_loss(student_logits, None, labels, **options.kwargs())
+        return per_token_distillation_loss(student_logits, None, labels, mask=mask, **options.kwargs())
     if signal.components is not None:  # several teachers: the weighted sum of each one's loss
         total: dict = {}
         for part in signal.components:
             if not bool(part.weight.any()):
                 continue  # no position of this batch is given to this teacher
-            for name, values in per_token_loss(student_logits, part.signal, labels, options).items():
+            for name, values in per_token_loss(student_logits, part.signal, labels, options, mask).items():
                 total[name] = total.get(name, 0.0) + part.weight * values
         return total
     if signal.topk_ids is not None:
         options.check_signal_temperature(signal.temperature)
         return sparse_per_token_distillation_loss(
             student_logits, signal.topk_ids, signal.topk_logprobs, signal.tail_logmass, labels,
-            kd_mask=signal.extras.get("kd_mask"), **options.kwargs(),
+            kd_mask=signal.extras.get("kd_mask"), mask=mask, **options.kwargs(),
         )
-    return per_token_distillation_loss(student_logits, signal.full_logits(), labels, **options.kwargs())
+    return per_token_distillation_loss(student_logits, signal.full_logits(), labels, mask=mask, **options.kwargs())
 
 
 def shift_signal(signal: TeacherSignal) -> TeacherSignal:
@@ -116,8 +118,9 @@ def shift_signal(signal: TeacherSignal) -> TeacherSignal:
 
 
 def _sums(per_token: dict, mask: torch.Tensor, weight: torch.Tensor | None) -> dict:
-    scale = mask.float() if weight is None else mask.float() * weight
-    return {name: (values * scale).sum() for name, values in per_token.items()}
+    # Selected, never multiplied by 0: a NaN at an uncounted position must not reach the sum.
+    scale = 1.0 if weight is None else weight
+    return {name: torch.where(mask, values * scale, 0.0).sum() for name, values in per_token.items()}
 
 
 def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fused: bool, needs=frozenset()):
@@ -139,7 +142,7 @@ def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fus
         token_weight = batch["token_weight"][:, 1:]
         weight = token_weight if weight is None else weight * token_weight
     shifted = shift_signal(signal) if signal is not None else None
-    per_token = per_token_loss(outputs["logits"][:, :-1], shifted, labels, options)
+    per_token = per_token_loss(outputs["logits"][:, :-1], shifted, labels, options, mask)
     return _sums(per_token, mask, weight), step
 
 
@@ -148,6 +151,8 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig, opt
     flat_labels = labels[mask]
     weight, bias = student_module(student).head_parameters()
     common = {"chunk_size": loss_cfg.chunk_size, "reduction": "sum", **options.kwargs()}
+    # The student's own transformation after its head (Gemma soft-capping, Granite / Cohere scaling).
+    common["student_transform"] = student_module(student).logit_transform()
     if signal is not None and signal.topk_ids is not None:
         options.check_signal_temperature(signal.temperature)
         shifted = shift_signal(signal)
@@ -163,6 +168,7 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig, opt
             "teacher_hidden": signal.hidden[:, :-1][mask],
             "teacher_head_weight": signal.head_weight,
             "teacher_head_bias": signal.head_bias,
+            "teacher_transform": signal.logit_transform,
         }
     elif signal is not None:
         teacher_kwargs = {"teacher_logits": signal.full_logits()[:, :-1][mask]}

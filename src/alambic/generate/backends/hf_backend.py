@@ -16,7 +16,7 @@ from alambic.errors import ModelError
 from alambic.generate.backends.base import TeacherReply, TeacherRequest
 from alambic.generate.checks import resolve_device
 from alambic.generate.config import TeacherBackendConfig
-from alambic.models.loading import _hub_error, _is_offline, resolve_model_source
+from alambic.models.loading import _hub_error, _is_offline, check_weight_files, resolve_model_source
 
 
 class HFTeacher:
@@ -32,6 +32,8 @@ class HFTeacher:
         self.max_in_flight = 1  # concurrent generate calls on one model only compete for the same device
         device = resolve_device(config.device, torch)  # before loading: a wrong device fails at once
         source = resolve_model_source(config.model, "teacher")
+        if Path(source).is_dir():
+            check_weight_files(Path(source), "teacher")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code,
                                                            local_files_only=_is_offline())

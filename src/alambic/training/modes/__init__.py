@@ -15,7 +15,10 @@ import importlib
 
 from alambic.training.modes.base import TeacherChoice, mode_rng
 
-MODE_MODULES = ("ensemble", "self_distill", "co_distill", "cross_tokenizer", "representation", "rollouts")
+MODE_MODULES = (
+    "ensemble", "self_distill", "co_distill", "cross_tokenizer", "representation", "rollouts", "interchange",
+    "quantization",
+)
 
 
 def _modes(order=None) -> list[tuple[str, object]]:

@@ -1,0 +1,30 @@
+"""Finite weights only: the one check before any model is written (checkpoint or export).
+
+Kept apart from the step guard (nonfinite.py) so that checkpoint.py and
+export.py can use it without importing the training loop's pieces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alambic.errors import AlambicError
+
+EXIT_NONFINITE = 3
+HINT = (
+    "lower train.lr, check loss.temperature and the data; to ride out rare bad batches, set "
+    "train.nonfinite_skips=K; the run resumes from its last checkpoint when started again"
+)
+
+
+class NonFiniteError(AlambicError):
+    """Training produced NaN/inf: not the user's typo, but the run cannot go on (exit code 3)."""
+
+    exit_code = EXIT_NONFINITE
+
+
+def check_finite_weights(module: torch.nn.Module, what: str) -> None:
+    """Refuse to write `what` from weights holding NaN or inf."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"the model's weights are not finite (e.g. {name}): the {what} is not written", HINT)
