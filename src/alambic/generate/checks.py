@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from alambic.errors import AlambicError, ConfigError
 from alambic.generate.url_check import check_base_url  # noqa: F401  (re-exported)
@@ -48,23 +47,6 @@ def check_not_all_failed(stats, retry_failed: bool) -> None:
             f"every request failed in an earlier run ({stats.skipped_failed} of {needed}) and none was sent again",
             "fix the cause, then rerun with --retry-failed",
         )
-
-
-def preflight(config) -> None:
-    """What can be checked about the teacher before anything is written (no model is loaded)."""
-    teacher = config.teacher
-    if teacher.backend == "hf":
-        import torch
-
-        from alambic.models.loading import _hub_error, _is_offline, resolve_model_source
-
-        resolve_device(teacher.device, torch)
-        source = resolve_model_source(teacher.model, "teacher")  # a missing local folder, named as such
-        if source == teacher.model and not Path(source).exists() and _is_offline():
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-                raise _hub_error(source, "teacher", OSError("not in the local cache"))
 
 
 def resolve_device(choice: str, torch) -> str:
