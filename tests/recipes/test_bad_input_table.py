@@ -171,8 +171,8 @@ def _fill(arg: str, world: dict) -> str:
     return arg.format(**{key: str(value) for key, value in world.items()})
 
 
-# Fixed by another helper's branch (issue 16 items 3-5); unmarked once it is merged.
-XFAIL = {"generate-url-not-a-url": "issue 16 helper"}
+# Cases fixed by another helper's branch not merged yet (none now: issue 16's generate fixes are in).
+XFAIL: dict[str, str] = {}
 PARAMS = [pytest.param(*case, id=case[0], marks=[pytest.mark.xfail(reason=XFAIL[case[0]], strict=True)]
                        if case[0] in XFAIL else []) for case in CASES]
 
