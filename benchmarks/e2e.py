@@ -8,8 +8,15 @@ tokens/s and peak resident memory, and the ratios alambic / TRL from this run.
 
     python benchmarks/e2e.py            # ~5 min on 2 cores
     python benchmarks/e2e.py --steps 6 --seq-len 128   # quicker
+    python benchmarks/e2e.py --threads 2 --steps 10 --seq-len 256   # the recorded setting
 
-trl is a benchmark-only dependency (`pip install trl`); without it the TRL row is skipped.
+trl is a benchmark-only dependency (`pip install trl`, extra `bench`); without it the TRL row is skipped.
+Thread settings are the same for both trainers: each child process gets
+OMP_NUM_THREADS / MKL_NUM_THREADS = --threads (default: the number of cores) and
+calls torch.set_num_threads(--threads) before anything runs; the threads each
+child really ran with are printed. alambic's CPU loss serves large temporaries
+from the heap (alambic.losses.fused_threads.tune_cpu_allocator); --same-allocator
+applies that same glibc setting to the TRL child too, --no-allocator-tuning to neither.
 """
 
 from __future__ import annotations
@@ -113,17 +120,30 @@ def run_trl(folder: Path, steps: int, seq_len: int, batch: int) -> dict:
     return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
-def child(which: str, folder: Path, steps: int, seq_len: int, batch: int) -> None:
+def child(which: str, folder: Path, steps: int, seq_len: int, batch: int, threads: int, tune: bool) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if tune:
+        from alambic.losses.fused_threads import tune_cpu_allocator
+
+        tune_cpu_allocator()
     runner = {"alambic": run_alambic, "trl": run_trl}[which]
     result = runner(folder, steps, seq_len, batch)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result))
 
 
 def measure(which: str, folder: Path, args) -> dict | None:
     command = [sys.executable, __file__, "--child", which, "--folder", str(folder),
-               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
+               "--threads", str(args.threads)]
+    tune = args.same_allocator if which == "trl" else not args.no_allocator_tuning
+    command += ["--tune"] if tune else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "ALAMBIC_MALLOC_TUNING": "1" if tune else "0", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         print(f"{which} failed:\n{done.stderr[-2000:]}")
@@ -141,20 +161,26 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--folder", default="runs/bench_e2e")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch/OpenMP threads of BOTH trainers")
+    parser.add_argument("--same-allocator", action="store_true", help="tune glibc malloc in the TRL child as in alambic's")
+    parser.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc malloc alone in alambic too")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.folder)
     if args.child:
-        child(args.child, folder, args.steps, args.seq_len, args.batch)
+        child(args.child, folder, args.steps, args.seq_len, args.batch, args.threads, args.tune)
         return
     folder.mkdir(parents=True, exist_ok=True)
     build_assets(folder, args.seq_len, rows=args.batch * (args.steps + 2))
     results = {name: measure(name, folder, args) for name in ("alambic", "trl")}
     print(f"\nN per step = {args.batch} x {args.seq_len} tokens, V = {VOCAB}, teacher 4x256, student 2x128, CPU, {args.steps} steps")
-    print(f"{'trainer':10s} {'median step s':>14s} {'tokens/s':>10s} {'peak RSS MB':>12s}")
+    print(f"load average (1/5/15 min) after the runs: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{'trainer':10s} {'median step s':>14s} {'tokens/s':>10s} {'peak RSS MB':>12s} {'threads':>8s}")
     for name, result in results.items():
         if result:
-            print(f"{name:10s} {result['median_step_s']:14.3f} {result['tokens_per_s']:10.0f} {result['peak_rss_mb']:12.0f}")
+            print(f"{name:10s} {result['median_step_s']:14.3f} {result['tokens_per_s']:10.0f} {result['peak_rss_mb']:12.0f} "
+                  f"{result['threads']:8d}")
     if results["alambic"] and results["trl"]:
         speed = results["alambic"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
         memory = results["alambic"]["peak_rss_mb"] / results["trl"]["peak_rss_mb"]

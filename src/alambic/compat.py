@@ -77,6 +77,8 @@ FEATURES: dict[str, Feature] = {
         lambda c: f"data.format is {c.data.format!r}"),
     # the loss
     "top_k": Feature("loss.top_k", lambda c: c.loss.top_k is not None, lambda c: f"{c.loss.top_k}"),
+    "logit_softcap": Feature("loss.logit_softcap", lambda c: getattr(c.loss, "logit_softcap", None) is not None,
+                             lambda c: f"{c.loss.logit_softcap}"),
     "alpha_one": Feature("loss.alpha = 1", lambda c: c.loss.alpha >= 1.0),
     "cosine": Feature("loss.objective 'cosine'", lambda c: c.loss.objective == "cosine"),
     "temperature_not_1": Feature("a loss.temperature other than 1", lambda c: c.loss.temperature != 1.0,
@@ -125,8 +127,14 @@ FEATURES: dict[str, Feature] = {
     "sequence_level": Feature("rollout.policy 'sequence_level'", lambda c: c.rollout.policy == "sequence_level"),
     "minillm": Feature("rollout.policy 'minillm'", lambda c: c.rollout.policy == "minillm"),
     "vllm": Feature("rollout.engine 'vllm'", lambda c: c.rollout.engine == "vllm"),
+    # how the run spreads over processes (training/distributed.py, docs/scale.md)
+    "fsdp": Feature("train.strategy 'fsdp'", lambda c: c.train.strategy == "fsdp"),
+    "fp16": Feature("train.mixed_precision 'fp16'", lambda c: c.train.mixed_precision == "fp16"),
     "interchange": Feature("interchange", lambda c: c.interchange is not None),
     "quantization": Feature("quantization", lambda c: c.quantization is not None),
+    # transfer sets (data/transfer.py, losses/targets.py)
+    "unlabelled_pool": Feature("data.unlabelled", lambda c: c.data.unlabelled is not None),
+    "hard_targets": Feature("loss.teacher_targets 'hard'", lambda c: c.loss.teacher_targets == "hard"),
 }
 
 _ONE_TOKENIZATION = "it compares tensors position by position in one tokenization"
@@ -136,6 +144,8 @@ _SELF_FIX = "remove it, or set self_distill.teacher: none to keep it and train o
 _CO = "in co-distillation the student and its peers teach each other"
 _RECORD = "the teacher is the logprobs stored in the data"
 _RECORD_FIX = "remove it, or remove data.logprobs_column and give a teacher section"
+_FSDP_FIX = "use train.strategy: ddp for this mode (see docs/scale.md#what-runs-under-fsdp)"
+_FSDP_ONE_TEACHER = "only one live teacher is sharded; the others would be full copies on every process"
 _SPARSE_TOP_K = "a sparse teacher already holds only its own top-k tokens; loss.top_k would be silently ignored"
 
 INCOMPATIBLE: tuple[Incompatible, ...] = (
@@ -152,6 +162,8 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
                  "set loss.alpha below 1 (e.g. 0.5)"),
     Incompatible("cross_tokenizer", "top_k", "it picks teacher token ids the student does not have",
                  "remove loss.top_k"),
+    Incompatible("cross_tokenizer", "logit_softcap", "its ULD / projected-KL terms compare the two vocabularies' "
+                 "own distributions and would not cap them", "remove loss.logit_softcap"),
     Incompatible("cross_tokenizer", "packing", "the text of each row must be recovered on its own",
                  "set data.packing: false"),
     Incompatible("cross_tokenizer", "rollout", "rollouts score samples in one vocabulary",
@@ -236,6 +248,27 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("record_logprobs", "representation", _RECORD, _RECORD_FIX),
     Incompatible("record_logprobs", "rollout", "a rollout replaces the completions the logprobs belong to",
                  _RECORD_FIX),
+    # FSDP (train.strategy: fsdp): what is sharded and tested is one student, one live teacher (or a
+    # cache / stored logprobs / no teacher), the logit losses (fused or not, top-k) on causal LMs.
+    Incompatible("fsdp", "rollout", "generating with a sharded student all-gathers every layer for every new "
+                 "token (a full set of collectives per token), which makes rollouts impractically slow", _FSDP_FIX),
+    Incompatible("fsdp", "teachers", _FSDP_ONE_TEACHER, _FSDP_FIX),
+    Incompatible("fsdp", "ensemble", _FSDP_ONE_TEACHER, _FSDP_FIX),
+    Incompatible("fsdp", "self_distill", "its EMA/frozen copy and early-exit heads read the student's full "
+                 "weights, which no process holds", _FSDP_FIX),
+    Incompatible("fsdp", "co_distill", "its peers are trained models outside the sharded student", _FSDP_FIX),
+    Incompatible("fsdp", "cross_tokenizer", "it decodes and re-tokenizes with the teacher model outside the "
+                 "sharded path", _FSDP_FIX),
+    Incompatible("fsdp", "representation", "its layer outputs and projections are not sharded or tested under "
+                 "FSDP", _FSDP_FIX),
+    Incompatible("fsdp", "student_from_teacher", "the student would be cut from the sharded teacher's layers",
+                 "build the student first (alambic init-student) and set student.model, or use train.strategy: ddp"),
+    Incompatible("fsdp", "classification", "only causal LMs are sharded per decoder layer", _FSDP_FIX),
+    Incompatible("fsdp", "interchange", "its forward hooks swap activations of whole blocks, which FSDP holds "
+                 "only while a block runs; not sharded or tested under FSDP", _FSDP_FIX),
+    Incompatible("fsdp", "quantization", "fake-quantized weights are not tested on sharded parameters", _FSDP_FIX),
+    Incompatible("fsdp", "fp16", "fp16 needs a gradient scaler, which the FSDP path does not use",
+                 "use train.mixed_precision: bf16 (or no)"),
     # interchange interventions: one live teacher run again with swapped activations
     Incompatible("interchange", "classification", "it trains next-token distributions under interventions",
                  "remove interchange, or set task: causal_lm"),
@@ -245,6 +278,15 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     # quantization-aware training: the compressed-tensors export
     Incompatible("quantization", "classification", "its export (compressed-tensors) is written and tested for "
                  "causal LMs only", "remove quantization, or set task: causal_lm"),
+    # transfer sets: the teacher labels the unlabelled rows
+    Incompatible("unlabelled_pool", "no_teacher_signal", "rows without gold labels learn only from a teacher",
+                 "add a teacher section (teacher.model or teacher.cache), or remove data.unlabelled"),
+    Incompatible("unlabelled_pool", "packing", "packed blocks would mix labelled and unlabelled rows",
+                 "set data.packing: false"),
+    Incompatible("hard_targets", "no_teacher_signal", "hard targets are the teacher's argmax",
+                 "add a teacher section, or remove loss.teacher_targets"),
+    Incompatible("hard_targets", "cross_tokenizer", "the teacher's argmax is a token of another vocabulary",
+                 "use loss.teacher_targets: soft"),
 )
 
 

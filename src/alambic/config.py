@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from alambic.config_base import Strict  # noqa: F401  (every command's schema imports it from here)
 from alambic.config_extras import InterchangeConfig, QuantizationConfig
@@ -26,12 +26,26 @@ from alambic.config_modes import (
     RolloutConfig,
     SelfDistillConfig,
 )
+from alambic.config_scale import FSDPConfig, Strategy
 from alambic.config_served import ServedTeacherOptions
 from alambic.errors import ConfigError
 from alambic.objective_names import OBJECTIVES
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Task = Literal["causal_lm", "sequence_classification"]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # Adam's betas: in [0, 1)
+
+
+def known_objective(value: str) -> str:
+    """A pydantic validator body: the objective must be one alambic implements."""
+    if value not in OBJECTIVES:
+        close = difflib.get_close_matches(value, OBJECTIVES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
+    return value
+
+
+Objective = Annotated[str, AfterValidator(known_objective)]
 
 
 class ModelConfig(Strict):
@@ -40,6 +54,7 @@ class ModelConfig(Strict):
     dtype: DType = "float32"
     trust_remote_code: bool = False
     num_labels: int | None = Field(None, ge=2, description="classes, for sequence classification")
+    allow_pickle_weights: bool = Field(False, description="load a folder that has only pickle weights (.bin)")
 
 
 class TeacherConfig(ModelConfig):
@@ -97,6 +112,9 @@ class DataConfig(Strict):
     train_on_prompt: bool = Field(False, description="also compute the loss on prompt / non-assistant tokens")
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     weight_column: str | None = Field(None, description="per-record loss weight (e.g. multi-task mixing)")
+    unlabelled: str | None = Field(None, description="a second file of rows without gold labels (a transfer set): "
+                                   "the teacher's targets alone teach them (data/transfer.py)")
+    labelled_repeat: int = Field(1, ge=1, description="times the labelled pool (data.train) is repeated in each epoch")
     logprobs_column: str | None = Field(
         None, description="prompt_completion: per-token teacher logprobs (alambic generate's completion_logprobs) "
         "used as soft targets when there is no teacher section",
@@ -108,19 +126,20 @@ class LossConfig(Strict):
     temperature: float = Field(1.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label CE (Hinton's alpha)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation")
-    skew_alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew KL mixing weight (DistiLLM)")
+    skew_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew KL mixing weight (DistiLLM), in (0, 1)")
     top_k: int | None = Field(None, ge=1, description="restrict the teacher distribution to its top-k tokens")
+    teacher_targets: Literal["soft", "hard"] = Field(
+        "soft", description="soft: the teacher's distribution (KD); hard: its argmax as a label (losses/targets.py)")
     fused: bool = Field(True, description="chunked LM-head loss for causal LMs (never materialises N x V logits)")
     chunk_size: int = Field(1024, ge=1)
+    logit_softcap: float | None = Field(
+        None, gt=0.0, description="cap both logit tensors inside the loss, c * tanh(z / c) (Gemma 2 uses 30)"
+    )
 
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
-        if value not in OBJECTIVES:
-            close = difflib.get_close_matches(value, OBJECTIVES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown objective {value!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
-        return value
+        return known_objective(value)
 
 
 class TrainConfig(Strict):
@@ -128,7 +147,7 @@ class TrainConfig(Strict):
     seed: int = 0
     lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(100, ge=1)
@@ -144,6 +163,18 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     progress: bool = True
+    strategy: Strategy = Field("ddp", description="ddp: a full replica per process; fsdp: sharded (docs/scale.md)")
+    fsdp: FSDPConfig = FSDPConfig()
+    nonfinite_skips: int = Field(
+        0, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops (exit 3)"
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        from alambic.config_overrides import check_trackers_installed
+
+        return check_trackers_installed(value)
 
 
 class DistillConfig(Strict):
@@ -190,24 +221,27 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
                 "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
             )
         key, raw = item.split("=", 1)
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(
+                f"override {item!r} has no key (or an empty part in it) before '='",
+                "write dotted keys, e.g. train.lr=3e-4 loss.temperature=2",
+            )
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no means 'no'
         parsed.append((key.strip().split("."), value))
     return parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted key; a number indexes a list (`stages.1.overrides.train.max_steps=3`)."""
+    from alambic.config_overrides import set_dotted
+
     for path, value in parse_overrides(overrides):
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
+        set_dotted(raw, path, value)
     return raw
 
 
@@ -256,7 +290,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist", "check the path, e.g. configs/tiny_kd.yaml")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config {str(path)!r} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})",
+            "save the config as UTF-8 YAML (a binary or latin-1 file cannot be read)",
+        ) from None
     except OSError as err:
         raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror}", "check the file's permissions")
     try:
@@ -284,7 +323,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls:
 
 
 def dump_config(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, with credentials inside URLs masked (it is printed and saved)."""
+    from alambic.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(config.model_dump(mode="json")), sort_keys=False)
 
 
 def config_model_for(path: str | Path) -> type[BaseModel]:
@@ -296,10 +338,19 @@ def config_model_for(path: str | Path) -> type[BaseModel]:
     """
     import importlib
 
-    for line in Path(path).read_text().splitlines()[:20]:
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[:20]:
         stripped = line.lstrip("# ").strip()
         if line.startswith("#") and stripped.startswith("schema:"):
             target = stripped.split(":", 1)[1].strip()
             module_name, _, class_name = target.partition(":")
-            return getattr(importlib.import_module(module_name), class_name)
+            try:
+                model = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError, ValueError, TypeError):
+                model = None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise ConfigError(
+                    f"config {str(path)!r} declares the schema {target!r}, which is not an alambic config class",
+                    "fix or remove the '# schema: module:Class' comment (e.g. alambic.generate.config:GenerateConfig)",
+                )
+            return model
     return DistillConfig

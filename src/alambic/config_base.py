@@ -13,4 +13,5 @@ from pydantic import BaseModel, ConfigDict
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+    # Non-finite numbers (.inf, .nan) are refused everywhere: a NaN temperature trains a NaN model.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True, allow_inf_nan=False)

@@ -92,5 +92,24 @@ def build_tiny_setup(folder: Path, teacher_steps: int = 150, seed: int = 0, prog
     return {**paths, "teacher": result.output_dir / "final", "student_init": student_init, "teacher_metrics": result.final_metrics}
 
 
+def describe_tiny_setup(setup: dict) -> str:
+    """What `python -m alambic.testing DIR` built, for people: paths, the teacher's held-out figures, next step."""
+    metrics = setup.get("teacher_metrics") or {}
+    figures = ", ".join(f"{key.removeprefix('eval_')} {value:.3g}" for key, value in metrics.items())
+    return "\n".join([
+        f"tiny setup ready in {Path(setup['train']).parent.parent}",
+        f"  data     {setup['train']}, {Path(setup['eval']).name}; tokenizer {setup['tokenizer']}",
+        f"  teacher  {setup['teacher']}" + (f" (held-out {figures})" if figures else ""),
+        f"  student  {setup['student_init']} (untrained, 1 layer)",
+        "next: alambic distill configs/tiny_kd.yaml",
+    ])
+
+
 if __name__ == "__main__":
-    print(build_tiny_setup(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"), progress=True))
+    from alambic import output
+    from alambic.testing_classify import build_tiny_classifier
+
+    output.configure(output.pop_verbose(sys.argv))
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
+    print(describe_tiny_setup(build_tiny_setup(folder, progress=True)))
+    print(build_tiny_classifier(folder / "classify", progress=True)["teacher"])  # configs/classify_transfer.yaml

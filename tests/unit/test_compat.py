@@ -26,6 +26,7 @@ EXAMPLES = {
     "packing": {"data": {"packing": True}},
     "not_prompt_completion": {"data": {"format": "messages"}},
     "top_k": {"loss": {"top_k": 5}},
+    "logit_softcap": {"loss": {"logit_softcap": 30.0}},
     "alpha_one": {"loss": {"alpha": 1.0}},
     "cosine": {"loss": {"objective": "cosine"}},
     "temperature_not_1": {"loss": {"temperature": 2.0}},
@@ -53,11 +54,15 @@ EXAMPLES = {
     "sequence_level": {"rollout": {"policy": "sequence_level"}},
     "minillm": {"rollout": {"policy": "minillm"}, "loss": {"objective": "reverse_kl", "temperature": 1.0}},
     "vllm": {"rollout": {"engine": "vllm"}},
+    "fsdp": {"train": {"strategy": "fsdp"}},
+    "fp16": {"train": {"mixed_precision": "fp16"}},
     "served_teacher": {"teacher": {"model": None, "server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5}},
     "served_member": {"teachers": [{"server": "http://127.0.0.1:9/v1", "server_model": "m", "top_k": 5, "name": "s"},
                                    {"model": f"{MISSING}/m", "name": "m"}]},
     "interchange": {"interchange": {"layer_map": {0: 0}}},
     "quantization": {"quantization": {"bits": 4}},
+    "unlabelled_pool": {"data": {"unlabelled": f"{MISSING}/transfer.jsonl"}},
+    "hard_targets": {"loss": {"teacher_targets": "hard"}},
 }
 
 

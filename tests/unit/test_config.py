@@ -39,10 +39,10 @@ def test_a_config_declares_its_schema_in_a_comment(tmp_path):
 def test_overrides_are_typed_and_nested(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("student: {model: x}\ndata: {train: t.jsonl}\n")
-    config = load_config(path, ["train.lr=3e-4", "loss.temperature=2", "train.trackers=[tensorboard]", "loss.top_k=8"])
+    config = load_config(path, ["train.lr=3e-4", "loss.temperature=2", "train.adam_betas=[0.8, 0.9]", "loss.top_k=8"])
     assert config.train.lr == pytest.approx(3e-4)
     assert config.loss.temperature == 2.0
-    assert config.train.trackers == ["tensorboard"]
+    assert config.train.adam_betas == (0.8, 0.9)
     assert config.loss.top_k == 8
 
 

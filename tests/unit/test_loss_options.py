@@ -20,10 +20,11 @@ def _sparse(batch=2, length=5, vocab=11, k=3, temperature=None):
 
 
 def test_from_config_carries_every_setting():
-    config = LossConfig(objective="jsd", temperature=2.0, alpha=0.3, beta=0.2, skew_alpha=0.4, top_k=7)
+    config = LossConfig(objective="jsd", temperature=2.0, alpha=0.3, beta=0.2, skew_alpha=0.4, top_k=7,
+                        logit_softcap=30.0)
     options = LossOptions.from_config(config)
     assert options.kwargs() == {"objective": "jsd", "temperature": 2.0, "alpha": 0.3, "beta": 0.2,
-                                "skew_alpha": 0.4, "top_k": 7}
+                                "skew_alpha": 0.4, "top_k": 7, "logit_softcap": 30.0}
     with pytest.raises(AttributeError):
         options.temperature = 1.0  # frozen: nobody edits it on the way
 

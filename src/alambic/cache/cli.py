@@ -52,6 +52,32 @@ def _teacher_logits_fn(model, device):
     return compute
 
 
+def _process_group() -> int:
+    """The number of processes; joins their group when launched by torchrun / accelerate launch."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world
+
+
+def _default_device(world: int) -> str:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else "cuda"
+
+
 def cache_logits(
     config_path: str, overrides: list[str], k: int, out: str | None, shard_rows: int, batch_size: int,
     value_bits: str, max_bytes_per_token: int, resume: bool, overwrite: bool, device: str | None, progress: bool,
@@ -64,15 +90,19 @@ def cache_logits(
     from alambic.config import DistillConfig, load_config
     from alambic.data import build_datasets
     from alambic.models import freeze, load_model, load_tokenizer
+    from alambic.output_paths import check_output_folder
 
     config = load_config(config_path, overrides, DistillConfig)
-    if config.task != "causal_lm":
-        raise ConfigError("cache-logits caches next-token distributions: it needs task: causal_lm")
+    if config.task == "sequence_classification":  # class logits are small: stored whole (cache/class_logits.py)
+        from alambic.cache.class_logits import cache_class_logits
+
+        return cache_class_logits(config, out, batch_size, overwrite, device, progress)
     if config.teacher is None or config.teacher.model is None:
         raise ConfigError("cache-logits runs the teacher: set teacher.model in the config", "e.g. teacher.model=org/model")
     folder = out or config.teacher.cache
     if folder is None:
         raise ConfigError("where should the cache go? pass --out FOLDER (or set teacher.cache)")
+    check_output_folder(folder, "--out" if out else "teacher.cache")
     tokenizer = load_tokenizer(config.teacher, role="teacher")
     vocab_size = len(tokenizer)
     if not 1 <= k <= vocab_size:
@@ -87,12 +117,24 @@ def cache_logits(
         num_rows=len(train), num_tokens=total_tokens, shard_rows=shard_rows,
     )
     check_folder_before_teacher(folder, identity, resume, overwrite)  # fail before loading a large model
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = _process_group()  # > 1 under torchrun / accelerate launch: each process writes its own shards
+    device = device or _default_device(world)
     model = freeze(load_model(config.teacher, config.task, role="teacher")).to(device)
     head_rows = model.get_output_embeddings().weight.shape[0]
     if head_rows < vocab_size:
         raise ModelError(f"the teacher's output layer has {head_rows} rows but its tokenizer {vocab_size} tokens")
     identity = replace(identity, teacher_weight_hash=weight_hash(model))
+    if world > 1:
+        from alambic.cache.distributed import write_logit_cache_distributed
+
+        return write_logit_cache_distributed(
+            folder, train, _teacher_logits_fn(model, device), identity, batch_size=batch_size,
+            pad_token_id=tokenizer.pad_token_id, resume=resume, overwrite=overwrite,
+        )
+    if resume and not overwrite:
+        from alambic.cache.distributed import merge_journals
+
+        merge_journals(folder)  # shards finished by the processes of an interrupted multi-process run
     return write_logit_cache(
         folder, train, _teacher_logits_fn(model, device), identity, batch_size=batch_size,
         pad_token_id=tokenizer.pad_token_id, resume=resume, overwrite=overwrite, progress=progress,
@@ -117,12 +159,23 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        """Run the teacher once over the training data and store its top-k log-probabilities."""
+        """Run the teacher once over the training data and store its top-k log-probabilities.
+
+        Under torchrun / accelerate launch every process runs the teacher on its share of the shards.
+        """
+        import os
+
+        progress = progress and os.environ.get("WORLD_SIZE", "1") == "1"
         manifest = cache_logits(
             config, overrides or [], k, out, shard_rows, batch_size, value_bits, max_bytes_per_token,
             resume, overwrite, device, progress,
         )
+        if manifest.get("kind") == "class_logits":
+            typer.echo(f"cached the class logits of {manifest['num_rows']} rows ({manifest['num_classes']} classes)")
+            return
         identity = manifest["identity"]
+        if os.environ.get("RANK", "0") != "0":
+            return
         typer.echo(
             f"cached {identity['num_tokens']} tokens of {identity['num_rows']} rows in {len(manifest['shards'])} "
             f"shards: k={identity['k']}, {identity['value_bits']}-bit values, {manifest['bytes_per_token']} B/token"

@@ -59,7 +59,10 @@ def pad_rows(rows: list[dict], pad_token_id: int) -> dict:
 
 
 def _refuse_foreign_folder(folder: Path) -> None:
-    if folder.exists() and any(folder.iterdir()) and not (folder / MANIFEST_NAME).exists():
+    from alambic.folder_lock import RUN_LOCK_NAME
+
+    occupied = folder.exists() and any(entry.name != RUN_LOCK_NAME for entry in folder.iterdir())
+    if occupied and not (folder / MANIFEST_NAME).exists():  # a run's lock alone does not make it foreign
         raise DataError(
             f"{folder} is not empty and is not a logit cache (no {MANIFEST_NAME})",
             "choose an empty or new folder for --out",
@@ -202,7 +205,8 @@ def write_logit_cache(
     done_tokens = sum(entry["tokens"] for entry in manifest["shards"])
     with _progress_bar(progress) as bar:
         task = bar.add_task("cache", total=identity.num_tokens, completed=done_tokens, shard="")
-        for index in range(len(manifest["shards"]), identity.num_shards):
+        done = {entry["index"] for entry in manifest["shards"]}  # not a prefix after a multi-process run
+        for index in (i for i in range(identity.num_shards) if i not in done):
             start, stop = identity.shard_bounds(index)
             bar.update(task, shard=f"{index + 1}/{identity.num_shards}")
             offsets, records = encode_shard_rows(
@@ -215,6 +219,7 @@ def write_logit_cache(
                 {"index": index, "file": name, "rows": [start, stop], "tokens": int(offsets[-1]), "bytes": size, "sha256": checksum}
             )
             write_manifest(folder, manifest)
+    manifest["shards"].sort(key=lambda entry: entry["index"])
     manifest["complete"] = True
     write_manifest(folder, manifest)
     return manifest

@@ -93,4 +93,17 @@ def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
             "use .jsonl, .parquet, .csv, or a folder saved with datasets' save_to_disk",
         )
     reader = {"jsonl": read_jsonl, "parquet": read_parquet, "csv": read_csv}[kind]
-    return reader(path, limit)
+    try:
+        return reader(path, limit)
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from None
+    except IsADirectoryError:
+        raise DataError(f"data file {str(path)!r} is a folder", "point the config at a data file") from None
+
+
+def not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    """The error for a data file that is not UTF-8 text (latin-1, binary, UTF-16)."""
+    return DataError(
+        f"{path}: is not UTF-8 text (undecodable byte {err.object[err.start:err.start + 1]!r} at offset {err.start})",
+        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)",
+    )

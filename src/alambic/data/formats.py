@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alambic.config import DataConfig
 from alambic.data.soft_targets import soft_targets_for
+from alambic.data.transfer import label_or_ignore
 from alambic.errors import DataError
 
 IGNORE = -100
@@ -25,13 +26,25 @@ def _require(record: dict, column: str, data_cfg: DataConfig, source: str, index
     return record[column]
 
 
+def _require_text(record: dict, column: str, data_cfg: DataConfig, source: str, index: int) -> str:
+    """A text column: a string, never null (str(None) would train on the word "None")."""
+    value = _require(record, column, data_cfg, source, index)
+    if value is None or isinstance(value, (dict, list)):
+        shown = "null" if value is None else f"a JSON {type(value).__name__}"
+        raise DataError(
+            f"{source}: record {index} column {column!r} is {shown}, not text",
+            "give every record a text value in that column, or remove the record",
+        )
+    return str(value)
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_text(record, tokenizer, data_cfg, source, index):
-    text = _require(record, data_cfg.text_column, data_cfg, source, index)
-    ids = _ids(tokenizer, str(text))
+    text = _require_text(record, data_cfg.text_column, data_cfg, source, index)
+    ids = _ids(tokenizer, text)
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids]
     if tokenizer.eos_token_id is not None and not data_cfg.packing:
@@ -42,8 +55,8 @@ def encode_text(record, tokenizer, data_cfg, source, index):
 
 
 def encode_prompt_completion(record, tokenizer, data_cfg, source, index):
-    prompt = str(_require(record, data_cfg.prompt_column, data_cfg, source, index))
-    completion = str(_require(record, data_cfg.completion_column, data_cfg, source, index))
+    prompt = _require_text(record, data_cfg.prompt_column, data_cfg, source, index)
+    completion = _require_text(record, data_cfg.completion_column, data_cfg, source, index)
     prompt_ids = _ids(tokenizer, prompt)
     if tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
@@ -111,7 +124,7 @@ def encode_messages(record, tokenizer, data_cfg, source, index):
 
 def encode_classification(record, tokenizer, data_cfg, source, index):
     text = _require(record, data_cfg.text_column, data_cfg, source, index)
-    label = _require(record, data_cfg.label_column, data_cfg, source, index)
+    label = label_or_ignore(record, data_cfg.label_column)  # no label: the teacher's targets teach the row
     try:
         label = int(label)
     except (TypeError, ValueError):

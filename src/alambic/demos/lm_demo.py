@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alambic.config import DistillConfig, Strict, apply_overrides, read_yaml, validate_mapping
+from alambic.config import DistillConfig, Objective, Strict, apply_overrides, read_yaml, validate_mapping
 from alambic.demos.bbc import write_jsonl
 from alambic.demos.demo import MARKER, StageClock, console, prepare_output
 from alambic.errors import ConfigError
@@ -67,7 +67,7 @@ class LMDemoConfig(Strict):
     student_lr: float = Field(1e-3, gt=0, description="1e-3 suits a pruned student; "
                               "a random init wants ~3e-3")
     warmup_steps: int = Field(30, ge=0)
-    objective: str = "forward_kl"
+    objective: Objective = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label CE mixed into the KD loss")
     eval_every: int = Field(50, ge=0)

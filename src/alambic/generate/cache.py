@@ -15,7 +15,6 @@ end up in one dataset.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from alambic.durable import atomic_write_bytes, fsync_dir
 from alambic.errors import ConfigError, DataError
+from alambic.folder_lock import FolderLock
 
 CACHE_FORMAT = 1
 RECORDS_FILE = "requests.jsonl"
@@ -42,6 +42,20 @@ def request_key(fingerprint: str, messages, sample_index: int) -> str:
     """The cache key: the fingerprint already covers backend, model and sampling parameters."""
     payload = canonical_json({"fingerprint": fingerprint, "messages": list(messages), "sample": sample_index})
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _holds_an_answer(records_path: Path) -> bool:
+    """Whether the cache file has at least one `ok` line (a torn or unreadable line counts as none)."""
+    if not records_path.exists():
+        return False
+    with open(records_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                if json.loads(line).get("status") == "ok":
+                    return True
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    return False
 
 
 class RequestCache:
@@ -75,7 +89,8 @@ class RequestCache:
         if manifest_path.exists() or records_path.exists():
             stored = self._read_manifest(manifest_path)
             if stored.get("fingerprint") != self.fingerprint:
-                if not replace_foreign:
+                # A cache without a single answer (a run that failed: server down, model missing) pins nothing.
+                if not replace_foreign and _holds_an_answer(records_path):
                     raise ConfigError(self._mismatch_message(stored), self._mismatch_hint())
                 self._move_aside()
         if not manifest_path.exists():
@@ -88,16 +103,10 @@ class RequestCache:
 
     def _take_lock(self) -> None:
         # flock dies with the process, so a kill -9 never leaves a stale lock behind.
-        self._lock_handle = open(self.folder / "lock", "a")
-        try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_handle.close()
-            self._lock_handle = None
-            raise ConfigError(
-                f"another `alambic generate` is writing the cache in {str(self.folder)!r}",
-                "wait for it to finish or stop it; two runs must not share one output.dir",
-            ) from None
+        self._lock_handle = FolderLock(
+            self.folder, "lock", f"another `alambic generate` is writing the cache in {str(self.folder)!r}",
+            "wait for it to finish or stop it; two runs must not share one output.dir",
+        ).acquire()
 
     def _read_manifest(self, path: Path) -> dict:
         if not path.exists():
@@ -123,7 +132,9 @@ class RequestCache:
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        archive = self.folder / f"replaced-{stamp}"
+        archive, number = self.folder / f"replaced-{stamp}", 1
+        while archive.exists():  # two replacements within one second
+            archive, number = self.folder / f"replaced-{stamp}-{number}", number + 1
         archive.mkdir()
         for name in (MANIFEST_FILE, RECORDS_FILE):
             if (self.folder / name).exists():
@@ -216,5 +227,5 @@ class RequestCache:
             os.close(self._descriptor)
             self._descriptor = None
         if self._lock_handle is not None:
-            self._lock_handle.close()
+            self._lock_handle.release()
             self._lock_handle = None

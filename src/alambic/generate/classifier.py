@@ -66,6 +66,9 @@ def _build_model(config: ClassifierConfig):
 
 
 def train_classifier(config: ClassifierConfig) -> dict:
+    from alambic.output_paths import check_output_folder
+
+    check_output_folder(config.output_dir, "output_dir")
     train_rows, test_rows = read_table(config.train), read_table(config.test)
     require_columns(train_rows, [config.text_column, config.label_column], f"train file {config.train!r}",
                     "text_column / label_column")

@@ -24,9 +24,13 @@ def generate(
     from alambic.generate.pipeline import GenerateRun
     from alambic.generate.summary import print_summary
 
+    from alambic.generate.checks import check_not_all_failed
+
     settings = load_config(config, overrides or [], model_cls=GenerateConfig)
-    summary = GenerateRun(settings, retry_failed=retry_failed, new_cache=new_cache).execute()
+    run = GenerateRun(settings, retry_failed=retry_failed, new_cache=new_cache)
+    summary = run.execute()
     print_summary(summary)
+    check_not_all_failed(run.stats, retry_failed)  # a run that got no answer at all never exits 0
 
 
 def train_classifier(

@@ -51,6 +51,13 @@ class TeacherBackendConfig(Strict):
     retry: RetryConfig = RetryConfig()
     prices: PriceConfig | None = None
 
+    @field_validator("base_url")
+    @classmethod
+    def _url_shape(cls, value: str | None) -> str | None:
+        from alambic.generate.url_check import check_base_url
+
+        return check_base_url(value)
+
 
 class SamplingConfig(Strict):
     n: int = Field(1, ge=1, description="samples per prompt; each is its own cached request")

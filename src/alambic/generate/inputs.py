@@ -21,6 +21,15 @@ def read_table(path: str | Path, file_format: str = "auto") -> list[dict]:
         if file_format is None:
             raise DataError(f"cannot tell the format of {str(path)!r} from its suffix",
                             "name it .jsonl, .parquet or .csv, or set input.format")
+    try:
+        return _read_format(path, file_format)
+    except UnicodeDecodeError as err:
+        from alambic.data.files import not_utf8
+
+        raise not_utf8(path, err) from None
+
+
+def _read_format(path: Path, file_format: str) -> list[dict]:
     if file_format == "jsonl":
         return _read_jsonl(path)
     if file_format == "parquet":

@@ -13,6 +13,7 @@ row per prompt and sample, failures included, with provenance),
 from __future__ import annotations
 
 import asyncio
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from alambic.generate.backends import make_backend
 from alambic.generate.backends.base import TeacherRequest
 from alambic.generate.backends.openai_backend import read_api_key
 from alambic.generate.cache import RequestCache, request_key
+from alambic.generate.preflight import preflight
 from alambic.generate.config import GenerateConfig
 from alambic.generate.filters import Example, ExampleFilter
 from alambic.generate.inputs import read_table, require_columns
@@ -30,6 +32,8 @@ from alambic.generate.recipes import Recipe, Rejection, build_recipe
 from alambic.generate.runner import Redactor, RequestRunner
 from alambic.generate.selfinstruct import InstructionPool, load_seeds
 from alambic.generate.summary import build_summary
+from alambic.output_paths import check_output_folder, make_folder, remove_created
+from alambic.redact import redact_text, url_secrets
 
 
 @dataclass
@@ -45,7 +49,8 @@ def backend_identity(config: GenerateConfig) -> dict:
     """What the cache fingerprint covers; computed without loading any model."""
     teacher = config.teacher
     if teacher.backend == "openai":
-        return {"backend": "openai", "model": teacher.model, "base_url": teacher.base_url.rstrip("/"),
+        # Credentials in the URL are not part of the identity and never reach the manifest.
+        return {"backend": "openai", "model": teacher.model, "base_url": redact_text(teacher.base_url.rstrip("/")),
                 "extra_body": teacher.extra_body}
     return {"backend": teacher.backend, "model": teacher.model, "dtype": teacher.dtype}
 
@@ -67,16 +72,30 @@ class GenerateRun:
             self.recipe.teacher_messages(record)
             self.recipe.student_prompt(record)
         example_filter = ExampleFilter(self.config.filters)  # reads evaluation sets: fail before any request
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.yaml", dump_config(self.config).encode())
-        cache = RequestCache(self.run_dir / "cache", self.identity, self.params,
-                             replace_foreign=self.new_cache)
+        preflight(self.config)  # e.g. teacher.device=cuda without a GPU: before anything is written
+        check_output_folder(self.run_dir, "output.dir")
+        backend = make_backend(self.config.teacher, api_key)  # a missing local model fails here, before any write
+        created = []
         try:
-            backend = make_backend(self.config.teacher, api_key)
-            runner = RequestRunner(backend, cache, self.params, self.config.teacher.retry, Redactor(api_key),
+            created = make_folder(self.run_dir)
+            atomic_write_bytes(self.run_dir / "config.yaml", dump_config(self.config).encode())
+            cache = RequestCache(self.run_dir / "cache", self.identity, self.params, replace_foreign=self.new_cache)
+        except BaseException:
+            asyncio.run(backend.aclose())
+            raise
+        try:
+            redact = Redactor(api_key, *url_secrets(self.config.teacher.base_url))
+            runner = RequestRunner(backend, cache, self.params, self.config.teacher.retry, redact,
                                    show_progress=self.config.progress)
+            self.stats = runner.stats
             records, jobs, pool = asyncio.run(self._collect(backend, runner, records))
             teacher_rows, examples, rejected = self._assemble(jobs, cache)
+        except BaseException:
+            cache.close()
+            if created and not cache.records:  # a folder this run made, and no answer in it: leave nothing
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                remove_created(created[:-1])
+            raise
         finally:
             cache.close()
         kept, dropped = example_filter.apply(examples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from alambic.generate.backends.base import (
     UnreachableTeacherError,
 )
 from alambic.generate.cache import RequestCache
+from alambic.generate.checks import require_logprobs
 from alambic.generate.config import RetryConfig
 from alambic.generate.progress import GenerationProgress
 from alambic.generate.retry import backoff_delay
@@ -35,6 +37,9 @@ class Redactor:
         self.secrets = [secret for secret in secrets if secret and len(secret) >= 4]
 
     def __call__(self, text: str) -> str:
+        from alambic.redact import redact_text
+
+        text = redact_text(text)  # user:password inside any URL
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
@@ -62,6 +67,13 @@ class RunStats:
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "seconds": round(self.seconds, 3),
         }
+
+
+def _backend_label(backend) -> str:
+    name = getattr(backend, "name", type(backend).__name__)
+    where = getattr(backend, "url", None) or getattr(getattr(backend, "config", None), "model", None)
+    where = re.sub(r"//[^/@]*@", "//***@", str(where)) if where else where  # no credentials in messages
+    return f"{name!r} ({where})" if where else repr(name)
 
 
 def utc_now() -> str:
@@ -152,6 +164,7 @@ class RequestRunner:
                     return
                 await asyncio.sleep(backoff_delay(attempt, err.retry_after, self.retry, self.rng))
                 continue
+            require_logprobs(replies, self.params, _backend_label(self.backend))  # before it is stored
             self._store_replies(batch, replies, attempt, time.monotonic() - started)
             return
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alambic.generate.config import GenerateConfig, PriceConfig
+from alambic.output import format_money
 
 
 def cost(prices: PriceConfig | None, prompt_tokens: int, completion_tokens: int) -> float | None:
@@ -72,8 +73,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                             f"dataset {tokens['dataset']['prompt']} in / {tokens['dataset']['completion']} out")
     if "cost" in summary:
         spent = summary["cost"]
-        table.add_row("cost", f"this run {spent['this_run']:.6g} {spent['currency']}, "
-                              f"dataset {spent['dataset']:.6g} {spent['currency']}")
+        table.add_row("cost", f"this run {format_money(spent['this_run'], spent['currency'])}, "
+                              f"dataset {format_money(spent['dataset'], spent['currency'])}")
     if "contamination" in summary:
         table.add_row("contamination", ", ".join(f"{k}: {v} flagged" for k, v in summary["contamination"].items()))
     table.add_row("written", ", ".join(summary["files"].values()))

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alambic.errors import ConfigError, DataError, ModelError
-from alambic.losses.divergences import OBJECTIVES
+from alambic.losses.fused_checks import check_labels, check_options, check_shapes
+from alambic.losses.divergences import softcap
 from alambic.losses.fused_kernels import (
     IGNORE_INDEX,
     LossSpec,
@@ -34,6 +34,7 @@ from alambic.losses.fused_kernels import (
     compiled_block_loss_and_grad,
 )
 from alambic.losses.fused_threads import eager_chunk_loss_and_grad
+from alambic.losses.logit_transform import IDENTITY, LogitTransform
 
 
 # compile=True runs blocks of about this many logits: few, large fused kernels,
@@ -57,6 +58,9 @@ class _Plan:
     chunk_size: int = 1024
     compiled: bool = False
     scale: float = 1.0  # 1 for "sum", 1 / count for "mean"
+    student_transform: LogitTransform = IDENTITY  # the model's own transform, then loss.logit_softcap
+    teacher_transform: LogitTransform = IDENTITY  # for teacher head logits (dense ones are as given)
+    logit_softcap: float | None = None  # applied to dense teacher logits
 
 
 def _select(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -150,6 +154,18 @@ def _compiled_chunk_loss_and_grad(logits, teacher_logits, labels, spec: LossSpec
     return kd_sum, ce_sum, logits
 
 
+def _chunk_teacher(plan: _Plan, teacher: _Head | None, start: int, stop: int, compute) -> torch.Tensor | None:
+    """Teacher logits of counted rows start:stop, transformed as its model (and the loss) does."""
+    if teacher is not None:
+        logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute))
+        if not plan.teacher_transform.is_identity:
+            plan.teacher_transform.apply_(logits, want_derivative=False)
+        return logits
+    if plan.teacher_logits is not None:
+        return softcap(_select(plan.teacher_logits.detach(), plan.rows, start, stop), plan.logit_softcap)
+    return None
+
+
 def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool, bool]):
     """KD and CE sums and the unscaled gradient sums over all counted rows."""
     compute = _compute_dtype(hidden, weight, plan.teacher_hidden, plan.teacher_weight)
@@ -162,16 +178,16 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
     chunk_math = _compiled_chunk_loss_and_grad if plan.compiled else eager_chunk_loss_and_grad
     kd_total = torch.zeros((), dtype=compute, device=hidden.device)
     ce_total = torch.zeros((), dtype=compute, device=hidden.device)
+    student_transform = None if plan.student_transform.is_identity else plan.student_transform
     for start in range(0, plan.row_count, chunk):
         stop = min(start + chunk, plan.row_count)
         chunk_hidden = _select(hidden.detach(), plan.rows, start, stop).to(compute)
-        teacher_logits = None
-        if teacher is not None:
-            teacher_logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute))
-        elif plan.teacher_logits is not None:
-            teacher_logits = _select(plan.teacher_logits.detach(), plan.rows, start, stop)
         labels = None if plan.labels is None else plan.labels[start:stop]
-        kd, ce, grad_logits = chunk_math(student.logits(chunk_hidden), teacher_logits, labels, plan.spec)
+        logits = student.logits(chunk_hidden)
+        derivative = None if student_transform is None else student_transform.apply_(logits, want_derivative=True)
+        kd, ce, grad_logits = chunk_math(logits, _chunk_teacher(plan, teacher, start, stop, compute), labels, plan.spec)
+        if derivative is not None:
+            grad_logits.mul_(derivative)  # chain rule through the logit transformation
         kd_total += kd
         ce_total += ce
         grads.add_chunk(start, stop, grad_logits, chunk_hidden)
@@ -218,68 +234,6 @@ class _FusedHeadDistillation(torch.autograd.Function):
         return results[0], results[1], results[2], None
 
 
-def _check_options(objective, temperature, reduction, chunk_size, top_k) -> None:
-    if objective not in OBJECTIVES:
-        raise ConfigError(
-            f"fused_distillation_loss: unknown objective {objective!r}",
-            hint=f"choose one of {', '.join(OBJECTIVES)}",
-        )
-    if not temperature > 0:
-        raise ConfigError(f"fused_distillation_loss: temperature must be > 0, got {temperature}")
-    if reduction not in ("sum", "mean"):
-        raise ConfigError(
-            f"fused_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}"
-        )
-    if chunk_size < 1:
-        raise ConfigError(f"fused_distillation_loss: chunk_size must be >= 1, got {chunk_size}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"fused_distillation_loss: top_k must be >= 1 or None, got {top_k}")
-
-
-def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_weight, teacher_bias, teacher_logits):
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ModelError(
-            f"student hidden states {tuple(hidden.shape)} do not match the head weight {tuple(weight.shape)}",
-            hint="pass hidden states as [tokens, hidden] and the LM head weight as [vocab, hidden]",
-        )
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ModelError(f"student head bias has shape {tuple(bias.shape)}, expected ({vocab},)")
-    for name, tensor in (("labels", labels), ("mask", mask)):
-        if tensor is not None and tuple(tensor.shape) != (rows,):
-            raise DataError(f"{name} has shape {tuple(tensor.shape)}, expected ({rows},) like the hidden states")
-    if teacher_logits is not None and (teacher_hidden is not None or teacher_weight is not None):
-        raise ConfigError(
-            "fused_distillation_loss: got teacher_logits and a teacher head at once",
-            hint="pass either teacher_logits or teacher_hidden with teacher_head_weight",
-        )
-    if (teacher_hidden is None) != (teacher_weight is None):
-        raise ConfigError(
-            "fused_distillation_loss: teacher_hidden and teacher_head_weight go together",
-            hint="pass both, or teacher_logits instead",
-        )
-    if teacher_weight is not None:
-        fits = teacher_hidden.dim() == 2 and teacher_hidden.shape[0] == rows
-        if not fits or teacher_hidden.shape[1] != teacher_weight.shape[1]:
-            raise ModelError(
-                f"teacher hidden states {tuple(teacher_hidden.shape)} do not fit {rows} tokens and the "
-                f"teacher head {tuple(teacher_weight.shape)}"
-            )
-        if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
-            raise ModelError(f"teacher head bias has shape {tuple(teacher_bias.shape)}")
-    teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else (
-        teacher_logits.shape[-1] if teacher_logits is not None else vocab
-    )
-    if teacher_logits is not None and tuple(teacher_logits.shape) != (rows, teacher_vocab):
-        raise ModelError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, expected ({rows}, vocab)")
-    if teacher_vocab != vocab:
-        raise ModelError(
-            f"student has {vocab} logits per position and the teacher {teacher_vocab}",
-            hint="trim both heads to the tokenizer's vocabulary first (StudentModule.head_parameters and LiveTeacher "
-            "take vocab_size; see alambic.models.check_tokenizers_compatible), or use the cross_tokenizer mode",
-        )
-
-
 def _counted_rows(labels, mask) -> torch.Tensor | None:
     if mask is None and labels is not None:
         mask = labels != IGNORE_INDEX
@@ -291,15 +245,6 @@ def _counted_rows(labels, mask) -> torch.Tensor | None:
     return mask.nonzero().squeeze(1)
 
 
-def _check_labels(labels: torch.Tensor, vocab: int) -> None:
-    wrong = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
-    if bool(wrong.any()):
-        raise DataError(
-            f"labels hold {int(wrong.sum())} ids outside [0, {vocab}) that are not {IGNORE_INDEX}",
-            hint=f"use {IGNORE_INDEX} for positions without a label; check that the tokenizer matches the model",
-        )
-
-
 def _make_plan(hidden, vocab: int, labels, mask, teacher: dict, alpha: float, options: dict) -> _Plan:
     """Counted rows, loss weights and teacher source, as per_token_distillation_loss defines them."""
     has_teacher = teacher["weight"] is not None or teacher["logits"] is not None
@@ -308,7 +253,7 @@ def _make_plan(hidden, vocab: int, labels, mask, teacher: dict, alpha: float, op
     counted_labels = None
     if use_ce:
         counted_labels = labels if rows is None else labels.index_select(0, rows)
-        _check_labels(counted_labels, vocab)
+        check_labels(counted_labels, vocab)
     spec = LossSpec(
         **options,
         kd_weight=(1.0 - alpha) if has_teacher and alpha < 1.0 else 0.0,
@@ -349,6 +294,9 @@ def fused_distillation_loss(
     chunk_size: int = 1024,
     compile: bool = False,
     reduction: str = "sum",
+    logit_softcap: float | None = None,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> dict[str, torch.Tensor]:
     """{"loss", "kd", "ce"} of `per_token_distillation_loss`, reduced over counted rows.
 
@@ -360,9 +308,14 @@ def fused_distillation_loss(
     to the student's hidden states, head weight and bias; "kd" and "ce" are detached
     metrics and the teacher gets no gradient. `compile=True` runs the per-chunk math
     through torch.compile. A backward with retain_graph=True can run only once.
+
+    `student_transform` / `teacher_transform` (alambic.losses.logit_transform) are
+    what each model's forward() does after its head (Gemma soft-capping, Granite
+    and Cohere scaling); `logit_softcap` caps both sides inside the loss, after
+    them (dense `teacher_logits` are taken as the teacher's final logits).
     """
-    _check_options(objective, temperature, reduction, chunk_size, top_k)
-    _check_shapes(
+    check_options(objective, temperature, reduction, chunk_size, top_k, alpha, beta, skew_alpha, logit_softcap)
+    check_shapes(
         student_hidden, student_head_weight, student_head_bias, labels, mask,
         teacher_hidden, teacher_head_weight, teacher_head_bias, teacher_logits,
     )
@@ -375,6 +328,9 @@ def fused_distillation_loss(
     }
     plan = _make_plan(student_hidden, student_head_weight.shape[0], labels, mask, teacher, alpha, options)
     plan.chunk_size, plan.compiled = chunk_size, compile
+    plan.student_transform = (student_transform or IDENTITY).with_cap(logit_softcap)
+    plan.teacher_transform = (teacher_transform or IDENTITY).with_cap(logit_softcap)
+    plan.logit_softcap = logit_softcap
     if reduction == "mean":
         plan.scale = 1.0 / max(plan.row_count, 1)
     loss, kd, ce = _FusedHeadDistillation.apply(student_hidden, student_head_weight, student_head_bias, plan)

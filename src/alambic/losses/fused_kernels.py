@@ -2,15 +2,13 @@
 
 `block_loss_and_grad` takes the student and teacher logits of a few rows and
 returns the summed KD and CE values plus d(loss)/d(student logits), written by
-hand for every objective so no autograd graph is built per chunk. The values
-are the same sums as `alambic.losses.divergences` (sum of p * (log p - log m)
-terms, never a difference of large sums), and tests/unit/test_fused_loss.py
-checks values and gradients against autograd on that plain path.
-
-Eager speed on CPU is a count of passes over [rows, vocab] tensors, so the
-softmax is kept unnormalised (exp(x - max) and a per-row 1/sum), per-row
-factors are folded into the few ops that touch every element, and the
-cross-entropy gradient (softmax - onehot) is merged into the divergence's.
+hand for every objective so no autograd graph is built per chunk. Values are
+sums of p * log(p / m) terms with every log-ratio formed without cancelling
+large numbers (see `Softmax`, `_log1p_weighted`); tests/unit/test_fused_loss.py
+and test_loss_edges.py check values and gradients against the plain path.
+Eager CPU speed is a count of passes over [rows, vocab] tensors: the softmax is
+kept unnormalised, per-row factors are folded into the few ops that touch every
+element, and the CE gradient (softmax - onehot) is merged into the divergence's.
 
 Derivation shared by the softmax objectives (q = softmax(s), s = student / T):
 for a divergence D whose partial derivative in q is g, the chain rule through
@@ -37,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 
+from alambic.losses.divergences import excluded_columns
+
 IGNORE_INDEX = -100
 
 
@@ -52,7 +52,7 @@ class LossSpec:
     kd_weight: float  # weight of the divergence in the loss; 0 when it is not computed
     ce_weight: float  # weight of the cross-entropy; 0 when it is not computed
     labels_may_be_ignored: bool  # some counted row carries IGNORE_INDEX (explicit mask)
-    teacher_may_be_infinite: bool = False  # dense teacher logits may hold -inf; head logits cannot
+    teacher_may_be_infinite: bool = False  # dense teacher logits may hold -inf (excluded columns)
 
     @property
     def use_kd(self) -> bool:
@@ -64,30 +64,30 @@ class LossSpec:
 
 
 class Softmax(NamedTuple):
-    """Softmax of scaled logits x, unnormalised: probs = exp * inv_total."""
+    """Softmax of scaled logits x, unnormalised: probs = exp * inv_total.
 
-    logits: torch.Tensor
+    Log-probabilities are kept as (x - row max) - log(total), never as x - logsumexp(x):
+    with logits of +-30000 the latter loses 3 decimal digits to the size of x.
+    """
+
+    shifted: torch.Tensor  # x - row max (exact for the large entries that carry the mass)
     exp: torch.Tensor  # exp(x - row max)
-    inv_total: torch.Tensor  # 1 / sum(exp), [rows, 1]
-    log_normalizer: torch.Tensor  # logsumexp(x), [rows, 1]
+    total: torch.Tensor  # sum(exp), [rows, 1]
+    inv_total: torch.Tensor  # 1 / total, [rows, 1]
+    log_total: torch.Tensor  # log(total), [rows, 1]
 
 
 def _softmax(logits: torch.Tensor) -> Softmax:
-    row_max = logits.amax(-1, keepdim=True)
-    exp = torch.sub(logits, row_max).exp_()
+    shifted = torch.sub(logits, logits.amax(-1, keepdim=True))
+    exp = torch.exp(shifted)
     total = exp.sum(-1, keepdim=True)
-    return Softmax(logits, exp, total.reciprocal(), total.log().add_(row_max))
+    return Softmax(shifted, exp, total, total.reciprocal(), total.log())
 
 
 def _log_ratio(numerator: Softmax, denominator: Softmax) -> torch.Tensor:
-    """log p_numerator - log p_denominator."""
-    shift = numerator.log_normalizer - denominator.log_normalizer
-    return torch.sub(numerator.logits, denominator.logits).sub_(shift)
-
-
-def _log_ratio_to(dist: Softmax, log_other: torch.Tensor) -> torch.Tensor:
-    """log p_dist - log_other."""
-    return torch.sub(dist.logits, log_other).sub_(dist.log_normalizer)
+    """log p_numerator - log p_denominator, as (shifted difference) - log(total ratio)."""
+    shift = torch.log(numerator.total * denominator.inv_total)
+    return torch.sub(numerator.shifted, denominator.shifted).sub_(shift)
 
 
 def _expectation(dist: Softmax, values: torch.Tensor) -> torch.Tensor:
@@ -96,12 +96,24 @@ def _expectation(dist: Softmax, values: torch.Tensor) -> torch.Tensor:
     return products.sum(-1, keepdim=True).mul_(dist.inv_total)
 
 
-def _mixture(dist_a: Softmax, dist_b: Softmax, weight_a: float) -> torch.Tensor:
-    """weight_a * a + (1 - weight_a) * b, clamped at the smallest normal number so that
-    rows where both probabilities underflow keep finite logs (their terms weigh 0)."""
-    mixture = torch.mul(dist_a.exp, dist_a.inv_total * weight_a)
-    mixture.addcmul_(dist_b.exp, dist_b.inv_total * (1.0 - weight_a))
-    return mixture.clamp_min_(torch.finfo(mixture.dtype).tiny)
+def _log1p_weighted(d: torch.Tensor, w_plus: float, w_minus: float) -> torch.Tensor:
+    """log1p(w * expm1(-|d|)) with w = w_plus where d > 0 and w_minus where d < 0 (a new tensor).
+
+    The building block of every log(x / mixture) of JSD and the skew KLs: for
+    m = w x + (1 - w) y and t = log y - log x,
+    log(x / m) = -(relu(t) + log1p(W expm1(-|t|))), W = 1 - w where t < 0, w where t > 0.
+    Exact for nearly equal distributions (no cancellation between logs of similar
+    size, unlike log x - log m) and for logits of +-30000 (no overflow).
+    """
+    terms = torch.abs(d).neg_().expm1_()
+    if w_plus == w_minus:
+        return terms.mul_(w_plus).log1p_()
+    # W = mean + half_gap * sign(d) (at d = 0, expm1(0) = 0 makes W irrelevant);
+    # copysign and two in-place passes: torch.where with scalar operands is several times slower.
+    half_gap, mean = 0.5 * (w_plus - w_minus), 0.5 * (w_plus + w_minus)
+    weights = torch.copysign(d.new_tensor(abs(half_gap)), d)  # copysign keeps only |half_gap|
+    weights = weights.add_(mean) if half_gap > 0 else weights.neg_().add_(mean)
+    return terms.mul_(weights).log1p_()
 
 
 class Terms(NamedTuple):
@@ -154,40 +166,42 @@ def _jsd(student: Softmax, teacher: Softmax, beta: float) -> Divergence:
         return _forward_kl(student, teacher)
     if beta >= 1.0:
         return _reverse_kl(student, teacher)
-    log_mixture = _mixture(teacher, student, beta).log_()
-    teacher_term = _expectation(teacher, _log_ratio_to(teacher, log_mixture))
-    student_ratio = _log_ratio_to(student, log_mixture)
-    student_term = _expectation(student, student_ratio)
-    values = (beta * teacher_term + (1.0 - beta) * student_term).squeeze(-1)
-    # d/dq of both mixture KLs collapses to (1 - beta) * log(q / m); its expectation
-    # under q is student_term itself, so the chain needs no extra sum.
-    scale = student.inv_total * (1.0 - beta)
-    return Divergence(values, Chain(student.exp, student_ratio, scale, -student_term * scale))
+    # m = beta p + (1 - beta) q, d = log p - log q:
+    # -log(q / m) = relu(d) + L and -log(p / m) = relu(-d) + L with one shared L.
+    d = _log_ratio(teacher, student)
+    shared = _log1p_weighted(d, 1.0 - beta, beta)
+    student_neg = torch.clamp_min(d, 0.0).add_(shared)
+    teacher_neg = shared.sub_(d.clamp_max_(0.0))
+    teacher_term = _expectation(teacher, teacher_neg)
+    student_term = _expectation(student, student_neg)
+    values = (beta * teacher_term + (1.0 - beta) * student_term).neg_().squeeze(-1)
+    # d/dq of both mixture KLs collapses to (1 - beta) * log(q / m) = -(1 - beta) * student_neg;
+    # its expectation under q is -student_term, so the chain needs no extra sum.
+    scale = student.inv_total * -(1.0 - beta)
+    return Divergence(values, Chain(student.exp, student_neg, scale, -student_term * scale))
 
 
 def _skew_forward_kl(student: Softmax, teacher: Softmax, skew: float) -> Divergence:
-    if skew <= 0.0:
-        return _forward_kl(student, teacher)
-    mixture = _mixture(teacher, student, skew)
-    log_mixture = torch.log(mixture)
-    values = _expectation(teacher, _log_ratio_to(teacher, log_mixture)).squeeze(-1)
-    # g = -(1 - a) * p / m, with p / m = (teacher.exp / m) * teacher.inv_total.
-    ratio = torch.div(teacher.exp, mixture, out=mixture)
-    return Divergence(values, _chain(student, ratio, -(1.0 - skew)).scaled(teacher.inv_total))
+    # KL(p || m), m = a p + (1 - a) q: -log(p / m) = relu(-d) + log1p(W expm1(-|d|)), d = log p - log q.
+    d = _log_ratio(teacher, student)
+    teacher_neg = _log1p_weighted(d, 1.0 - skew, skew).sub_(d.clamp_max_(0.0))
+    values = _expectation(teacher, teacher_neg).neg_().squeeze(-1)
+    # g = -(1 - a) * p / m = -(1 - a) * exp(-teacher_neg)
+    ratio = teacher_neg.neg_().exp_()
+    return Divergence(values, _chain(student, ratio, -(1.0 - skew)))
 
 
 def _skew_reverse_kl(student: Softmax, teacher: Softmax, skew: float) -> Divergence:
-    if skew <= 0.0:
-        return _reverse_kl(student, teacher)
-    mixture = _mixture(student, teacher, skew)
-    log_ratio = _log_ratio_to(student, torch.log(mixture))
-    values = _expectation(student, log_ratio).squeeze(-1)
-    # g = log(q / m) - a * q / m
-    log_ratio.addcmul_(torch.div(student.exp, mixture, out=mixture), student.inv_total * -skew)
-    return Divergence(values, _chain(student, log_ratio))
+    # KL(q || m), m = (1 - a) p + a q: -log(q / m) = relu(d) + log1p(W expm1(-|d|)), d = log p - log q.
+    d = _log_ratio(teacher, student)
+    student_neg = _log1p_weighted(d, skew, 1.0 - skew).add_(d.clamp_min_(0.0))
+    values = _expectation(student, student_neg).neg_().squeeze(-1)
+    # g = log(q / m) - a * q / m = -student_neg - a * exp(-student_neg)
+    direction = torch.neg(student_neg).exp_().mul_(skew).add_(student_neg)
+    return Divergence(values, _chain(student, direction, -1.0))
 
 
-def _tvd(student: Softmax, teacher: Softmax) -> Divergence:
+def _tvd(student: Softmax, teacher: Softmax) -> Divergence:  # noqa: D103
     difference = torch.mul(teacher.exp, teacher.inv_total)
     difference.addcmul_(student.exp, -student.inv_total)
     values = 0.5 * difference.abs().sum(-1)
@@ -214,9 +228,6 @@ def _softmax_divergence(student: Softmax, teacher: Softmax, spec: LossSpec) -> D
         return _reverse_kl(student, teacher)
     if objective == "jsd":
         return _jsd(student, teacher, spec.beta)
-    if objective in ("skew_forward_kl", "skew_reverse_kl") and spec.skew_alpha >= 1.0:
-        # The plain path defines a = 1 as a distribution compared with itself: 0.
-        return Divergence(student.inv_total.new_zeros(student.exp.shape[0]), Terms([]))
     if objective == "skew_forward_kl":
         return _skew_forward_kl(student, teacher, spec.skew_alpha)
     if objective == "skew_reverse_kl":
@@ -241,6 +252,19 @@ def _scaled(grad: Terms | Chain, factor: float) -> Terms | Chain:
     return Terms([(tensor, coefficient * factor) for tensor, coefficient in grad.items])
 
 
+def _drop_rows(result: Divergence, dead: torch.Tensor | None) -> Divergence:
+    """Zero value and gradient on rows where the teacher has no finite logit."""
+    if dead is None:
+        return result
+    keep = (~dead).to(result.values.dtype)
+    grad = result.grad
+    if isinstance(grad, Chain):
+        grad = Chain(grad.student_exp, grad.direction, grad.scale * keep, grad.shift * keep)
+    else:
+        grad = Terms([(tensor, coefficient * keep) for tensor, coefficient in grad.items])
+    return Divergence(result.values * keep.squeeze(-1), grad)
+
+
 def _distillation(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec
 ) -> _KD:
@@ -250,22 +274,31 @@ def _distillation(
         k = min(spec.top_k, teacher_logits.shape[-1])
         teacher_logits, top_ids = teacher_logits.topk(k, dim=-1)
         student_logits = student_logits.gather(-1, top_ids)
+    excluded = dead = None
+    if spec.teacher_may_be_infinite:
+        # As divergences.token_divergence: -inf teacher columns leave both distributions.
+        student_logits, teacher_logits, excluded, dead = excluded_columns(student_logits, teacher_logits)
     if spec.objective == "cosine":
-        result = _cosine(student_logits, teacher_logits)
+        if excluded is not None:
+            student_logits = student_logits.masked_fill(excluded, 0.0)
+            teacher_logits = teacher_logits.masked_fill(excluded, 0.0)
+        result = _drop_rows(_cosine(student_logits, teacher_logits), dead)
         return _KD(result.values, _scaled(result.grad, spec.kd_weight), top_ids, None)
     temperature = spec.temperature
     if temperature != 1.0:
         student_logits = torch.div(student_logits, temperature)
         teacher_logits = torch.div(teacher_logits, temperature)
-    if spec.teacher_may_be_infinite:
-        # A teacher logit of -inf (a banned or padded token) must weigh 0, not produce NaN.
+    if excluded is not None:
+        # Both sides get the same huge negative logit there: probability exactly 0,
+        # finite logs, and the student's softmax renormalised over the real columns.
         lowest = torch.finfo(teacher_logits.dtype).min
-        teacher_logits = torch.clamp_min(teacher_logits, lowest)
+        teacher_logits = teacher_logits.masked_fill(excluded, lowest)
+        student_logits = student_logits.masked_fill(excluded, lowest)
     student = _softmax(student_logits)
-    result = _softmax_divergence(student, _softmax(teacher_logits), spec)
+    result = _drop_rows(_softmax_divergence(student, _softmax(teacher_logits), spec), dead)
     # T**2 on the value, T**2 / T on the gradient of the raw logits.
     values = result.values * temperature**2 if temperature != 1.0 else result.values
-    shared = student if top_ids is None and temperature == 1.0 else None
+    shared = student if top_ids is None and temperature == 1.0 and excluded is None and dead is None else None
     return _KD(values, _scaled(result.grad, spec.kd_weight * temperature), top_ids, shared)
 
 
@@ -283,9 +316,9 @@ def _cross_entropy(
     gradient ce_weight * (softmax - onehot) is left to the caller to assemble."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0)[:, None]
-    label_logits = student_logits.gather(-1, safe_labels).squeeze(-1)
     softmax = shared if shared is not None else _softmax(student_logits)
-    values = softmax.log_normalizer.squeeze(-1) - label_logits
+    # logsumexp(z) - z[label] = log(total) - (z[label] - max): no large numbers cancel.
+    values = softmax.log_total.squeeze(-1) - softmax.shifted.gather(-1, safe_labels).squeeze(-1)
     coefficient = softmax.inv_total * spec.ce_weight
     if spec.labels_may_be_ignored:
         values = torch.where(valid, values, 0.0)

@@ -9,10 +9,22 @@ worker thread runs its blocks with one intra-op thread (no barriers), and the
 workers only meet once per chunk. Blocks of a few rows keep each pass in cache.
 
 Block rows are sized so one block of logits holds about EAGER_BLOCK_ELEMENTS values.
+
+Why the allocator is tuned: each block allocates ~10 temporaries of 1 MiB, and
+glibc serves allocations that large with mmap, so every one is returned to the
+kernel on free and page-faulted back (zeroed) on the next allocation. Measured
+here (2-core VM): 9-12 ns per logit for forward KL + CE with the default
+allocator, 2.3 ns with the temporaries served from the heap, i.e. page faults
+were three quarters of the loss math. `tune_cpu_allocator` raises glibc's mmap
+threshold to 32 MiB and its trim threshold to 256 MiB (mallopt) once, on the
+first CPU call: freed memory up to that much stays in the process for reuse,
+as PyTorch's own CUDA caching allocator does on GPUs. Set ALAMBIC_MALLOC_TUNING=0
+to keep the allocator as it is (the loss is then the same, only slower).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +41,33 @@ EAGER_BLOCK_ELEMENTS = 1 << 18
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] = (0, 0)  # (process id, workers): a forked child has no pool threads
 _pool_lock = threading.Lock()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # the largest glibc accepts
+TRIM_THRESHOLD_BYTES = 256 * 2**20
+_allocator_tuned: bool | None = None  # None: not tried yet
+
+
+def tune_cpu_allocator() -> bool:
+    """Serve large temporaries from the heap instead of mmap (see the module docstring).
+
+    Once per process; glibc only (elsewhere, or with ALAMBIC_MALLOC_TUNING=0, nothing
+    changes). Returns whether the allocator is tuned.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = False
+        if os.environ.get("ALAMBIC_MALLOC_TUNING", "1") != "0":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _allocator_tuned = bool(
+                    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+                )
+            except (OSError, AttributeError):
+                pass
+    return _allocator_tuned
 
 
 def _one_intra_op_thread() -> None:
@@ -83,6 +122,7 @@ def eager_chunk_loss_and_grad(
     if logits.device.type != "cpu":
         # On accelerators big kernels win: the whole chunk is one block.
         return _run_blocks(logits, teacher_logits, labels, spec, [0], rows) + (logits,)
+    tune_cpu_allocator()
     block_rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[1])
     starts = list(range(0, rows, block_rows))
     workers = min(torch.get_num_threads(), len(starts))

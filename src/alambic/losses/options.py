@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class LossOptions:
-    """objective, temperature T, alpha (hard-label CE weight), beta (JSD), skew_alpha, top_k of the teacher."""
+    """objective, temperature T, alpha (hard-label CE weight), beta (JSD), skew_alpha, top_k of the teacher,
+    logit_softcap (both logit tensors capped inside the loss, c * tanh(z / c))."""
 
     objective: str = "forward_kl"
     temperature: float = 1.0
@@ -24,6 +25,7 @@ class LossOptions:
     beta: float = 0.5
     skew_alpha: float = 0.1
     top_k: int | None = None
+    logit_softcap: float | None = None
 
     @classmethod
     def from_config(cls, loss_cfg) -> "LossOptions":
@@ -31,6 +33,7 @@ class LossOptions:
         return cls(
             objective=loss_cfg.objective, temperature=loss_cfg.temperature, alpha=loss_cfg.alpha,
             beta=loss_cfg.beta, skew_alpha=loss_cfg.skew_alpha, top_k=loss_cfg.top_k,
+            logit_softcap=getattr(loss_cfg, "logit_softcap", None),
         )
 
     def kwargs(self) -> dict:

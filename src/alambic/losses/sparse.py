@@ -20,6 +20,9 @@ What is exact and what is a bound, for k < V (p = teacher, q = student):
 The teacher log-probabilities are stored at the cache's temperature: a top-k
 distribution cannot be re-tempered exactly (the tail's shape is unknown), so
 training must use that same temperature (see `check_cache_temperature`).
+`logit_softcap` caps the student's logits here; the teacher's cached
+log-probabilities are used as stored (cap the teacher when the cache is built).
+A `mask` works as in `per_token_distillation_loss`: nothing outside it is read.
 
     python -c "import torch; from alambic.losses.sparse import sparse_token_divergence as d; \
 z = torch.randn(2, 5); lp, ids = z.log_softmax(-1).topk(3); \
@@ -31,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from alambic.errors import ConfigError
-from alambic.losses.divergences import divergence_from_logprobs, token_cross_entropy
+from alambic.losses.checks import check_loss_parameters
+from alambic.losses.divergences import divergence_from_logprobs, softcap, token_cross_entropy
 
 # A bucket whose log-mass is below this counts as empty (e^-80 ~ 1.8e-35); it
 # keeps logs finite so that masked-out terms cannot turn gradients into NaN.
@@ -69,14 +73,14 @@ def sparse_logprobs(
     topk_logprobs: torch.Tensor,
     tail_logmass: torch.Tensor,
     temperature: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probabilities on the k cached tokens (+ the tail bucket when k < V)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_loss_parameters("sparse_logprobs", temperature=temperature, logit_softcap=logit_softcap)
     vocab_size, k = student_logits.shape[-1], topk_ids.shape[-1]
     if k > vocab_size:
         raise ValueError(f"the teacher signal has {k} ids per position but the student only {vocab_size} logits")
-    scaled = student_logits.float() / temperature
+    scaled = softcap(student_logits.float(), logit_softcap) / temperature
     log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
     # A negative id pads a position that holds fewer than k tokens (teacher logprobs stored per record).
     # It reads a real id of the same position, so the student's tail bucket keeps its mass, and both sides
@@ -103,6 +107,7 @@ def sparse_token_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-position divergence (shape = student_logits.shape[:-1]), scaled by T**2.
 
@@ -110,7 +115,9 @@ def sparse_token_divergence(
     tail_logmass [...]: log of the teacher mass outside the k ids (-inf if none).
     """
     _check_objective(objective)
-    student_lp, teacher_lp = sparse_logprobs(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature)
+    student_lp, teacher_lp = sparse_logprobs(
+        student_logits, topk_ids, topk_logprobs, tail_logmass, temperature, logit_softcap
+    )
     return divergence_from_logprobs(student_lp, teacher_lp, objective, beta, skew_alpha) * temperature**2
 
 
@@ -129,6 +136,8 @@ def sparse_per_token_distillation_loss(
     top_k: int | None = None,
     ignore_index: int = -100,
     kd_mask: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position {"loss", "kd", "ce"}: loss = alpha * CE + (1 - alpha) * T**2 * D_sparse.
 
@@ -139,15 +148,30 @@ def sparse_per_token_distillation_loss(
     the sparse teacher's k is fixed by its source.
     """
     _check_objective(objective, top_k)
+    check_loss_parameters(
+        "sparse_per_token_distillation_loss", objective=objective, temperature=temperature, alpha=alpha,
+        beta=beta, skew_alpha=skew_alpha, logit_softcap=logit_softcap,
+    )
+    if mask is not None and not bool(mask.all()):
+        keep = mask.to(torch.bool)
+        # Positions outside the mask are never read: finite stand-ins, then zeroed outputs.
+        out = sparse_per_token_distillation_loss(
+            torch.where(keep[..., None], student_logits, 0.0), torch.where(keep[..., None], topk_ids, 0),
+            torch.where(keep[..., None], topk_logprobs, 0.0), torch.where(keep, tail_logmass, 0.0), labels,
+            objective=objective, temperature=temperature, alpha=alpha, beta=beta, skew_alpha=skew_alpha,
+            ignore_index=ignore_index, kd_mask=kd_mask, logit_softcap=logit_softcap,
+        )
+        return {name: torch.where(keep, values, 0.0) for name, values in out.items()}
     zeros = student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
     kd = zeros
     ce = zeros
     if alpha < 1.0:
         kd = sparse_token_divergence(
-            student_logits, topk_ids, topk_logprobs, tail_logmass, objective, temperature, beta, skew_alpha
+            student_logits, topk_ids, topk_logprobs, tail_logmass, objective, temperature, beta, skew_alpha,
+            logit_softcap,
         )
     if labels is not None and (alpha > 0.0 or kd_mask is not None):
-        ce = token_cross_entropy(student_logits, labels, ignore_index)
+        ce = token_cross_entropy(softcap(student_logits, logit_softcap), labels, ignore_index)
     loss = alpha * ce + (1.0 - alpha) * kd
     if kd_mask is not None:
         kd_mask = kd_mask.bool()
@@ -182,6 +206,7 @@ class _FusedSparseLoss(torch.autograd.Function):
         totals = torch.zeros(3, dtype=compute, device=hidden.device)
         options = dict(options)
         chunk_size, scale = options.pop("chunk_size"), options.pop("scale")
+        transform = options.pop("student_transform")
         # Autocast would run the head projection in bf16; the gradients below need fp32 logits.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, rows.numel(), chunk_size):
@@ -191,7 +216,7 @@ class _FusedSparseLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     leaf = logits.requires_grad_(True)
                     per_token = sparse_per_token_distillation_loss(
-                        leaf, topk_ids.index_select(0, chunk_rows), topk_logprobs.index_select(0, chunk_rows),
+                        leaf if transform is None else transform.apply(leaf), topk_ids.index_select(0, chunk_rows), topk_logprobs.index_select(0, chunk_rows),
                         tail_logmass.index_select(0, chunk_rows), labels.index_select(0, chunk_rows),
                         kd_mask=None if kd_mask is None else kd_mask.index_select(0, chunk_rows), **options,
                     )
@@ -241,6 +266,8 @@ def fused_sparse_distillation_loss(
     reduction: str = "sum",
     ignore_index: int = -100,
     kd_mask: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    student_transform=None,
 ) -> dict[str, torch.Tensor]:
     """{"loss", "kd", "ce"} from student hidden states [N, H] and a sparse teacher, never building N x V logits.
 
@@ -252,6 +279,10 @@ def fused_sparse_distillation_loss(
     `sparse_per_token_distillation_loss`. Only "loss" carries a gradient.
     """
     _check_objective(objective, top_k)
+    check_loss_parameters(
+        "fused_sparse_distillation_loss", objective=objective, temperature=temperature, alpha=alpha,
+        beta=beta, skew_alpha=skew_alpha, logit_softcap=logit_softcap,
+    )
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"fused_sparse_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
     if chunk_size < 1:
@@ -265,7 +296,8 @@ def fused_sparse_distillation_loss(
         labels = torch.full((total,), ignore_index, dtype=torch.long, device=device)
     options = {
         "objective": objective, "temperature": temperature, "alpha": alpha, "beta": beta, "skew_alpha": skew_alpha,
-        "ignore_index": ignore_index, "chunk_size": chunk_size,
+        "ignore_index": ignore_index, "chunk_size": chunk_size, "logit_softcap": logit_softcap,
+        "student_transform": student_transform,
         "scale": 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0,
     }
     loss, kd, ce = _FusedSparseLoss.apply(

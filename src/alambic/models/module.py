@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alambic.losses.logit_transform import LogitTransform, logit_transform_of, verify_logit_transform
+
 
 class StudentModule(nn.Module):
     def __init__(self, model: nn.Module, vocab_size: int | None = None):
@@ -18,6 +20,7 @@ class StudentModule(nn.Module):
         self.model = model
         self.vocab_size = vocab_size
         self.auxiliary = nn.ModuleDict()
+        self._logit_transform: LogitTransform | None = None
 
     def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """LM-head weight and bias, trimmed to the tokenizer's vocabulary."""
@@ -31,8 +34,16 @@ class StudentModule(nn.Module):
     def supports_fused_head(self) -> bool:
         """The fused loss needs `base_model` hidden states followed by a plain linear head."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return isinstance(head, nn.Linear) and self.model.base_model is not self.model and not softcap
+        return isinstance(head, nn.Linear) and self.model.base_model is not self.model
+
+    def logit_transform(self) -> LogitTransform:
+        """What the model's forward() does after its head (Gemma soft-capping, Granite / Cohere
+        scaling), checked once against forward() on a probe input; ModelError if not reproducible."""
+        if self._logit_transform is None:
+            transform = logit_transform_of(self.model)
+            verify_logit_transform(self.model, transform, "student")
+            self._logit_transform = transform
+        return self._logit_transform
 
     def forward(
         self,

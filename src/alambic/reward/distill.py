@@ -228,7 +228,7 @@ def train_reward_model(model, pairs, sequences, train_cfg: RewardTraining, pad_i
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        progress.update(step, {"loss": losses[-1], "tokens_per_s": 0.0})
+        progress.update(step, {"loss": losses[-1]})
     progress.close()
     model.eval()
     return losses

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from alambic.losses.logit_transform import LogitTransform
+
 
 @dataclass
 class TeacherSignal:
@@ -19,7 +21,8 @@ class TeacherSignal:
 
     - logits: full logits [B, L, V] (causal LM) or [B, C] (classifier).
     - hidden / head_weight / head_bias: final hidden states [B, L, H_t] and the
-      LM head, so the fused loss can compute teacher logits chunk by chunk.
+      LM head, so the fused loss can compute teacher logits chunk by chunk;
+      logit_transform: what the teacher's forward() applies after that head.
     - topk_ids / topk_logprobs: [B, L, k] sparse teacher distribution (offline
       cache), log-probabilities at `temperature`; tail_logmass: log(1 - sum p_topk).
     - hidden_states / attentions: per-layer tensors for representation transfer.
@@ -35,6 +38,7 @@ class TeacherSignal:
     hidden: torch.Tensor | None = None
     head_weight: torch.Tensor | None = None
     head_bias: torch.Tensor | None = None
+    logit_transform: LogitTransform | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
@@ -50,7 +54,8 @@ class TeacherSignal:
             return self.logits
         if self.hidden is not None and self.head_weight is not None:
             logits = self.hidden.float() @ self.head_weight.float().T
-            return logits + self.head_bias.float() if self.head_bias is not None else logits
+            logits = logits + self.head_bias.float() if self.head_bias is not None else logits
+            return logits if self.logit_transform is None else self.logit_transform.apply(logits)
         raise ValueError("this teacher signal holds no dense logits (it is a sparse top-k signal)")
 
 

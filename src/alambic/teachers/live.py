@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from alambic.errors import ModelError
+from alambic.losses.logit_transform import logit_transform_of, verify_logit_transform
 from alambic.teachers.base import SignalRequest, TeacherSignal
 
 
@@ -18,6 +20,19 @@ class LiveTeacher:
         self.model = model
         self.vocab_size = vocab_size
         self.name = name
+        self._transform = None  # (LogitTransform or None when not reproducible), found on first use
+
+    def _head_transform(self):
+        """The teacher's own logit transformation after its head, or None if alambic cannot
+        reproduce it (then the signal carries full logits instead of hidden states)."""
+        if self._transform is None:
+            try:
+                transform = logit_transform_of(self.model)
+                verify_logit_transform(self.model, transform, "teacher")
+            except ModelError:
+                transform = None
+            self._transform = (transform,)
+        return self._transform[0]
 
     def _model_inputs(self, batch: dict) -> dict:
         inputs = {"input_ids": batch["input_ids"]}
@@ -31,7 +46,8 @@ class LiveTeacher:
     def __call__(self, batch: dict, request: SignalRequest) -> TeacherSignal:
         inputs = self._model_inputs(batch)
         want_layers = request.hidden_states or request.attentions
-        if request.hidden_for_fused_head:
+        transform = self._head_transform() if request.hidden_for_fused_head else None
+        if transform is not None:
             outputs = self.model.base_model(
                 **inputs, use_cache=False, output_hidden_states=request.hidden_states,
                 output_attentions=request.attentions,
@@ -42,7 +58,7 @@ class LiveTeacher:
             if bias is not None and self.vocab_size is not None:
                 bias = bias[: self.vocab_size]
             return TeacherSignal(
-                hidden=outputs.last_hidden_state, head_weight=weight, head_bias=bias,
+                hidden=outputs.last_hidden_state, head_weight=weight, head_bias=bias, logit_transform=transform,
                 hidden_states=outputs.hidden_states if request.hidden_states else None,
                 attentions=outputs.attentions if request.attentions else None,
             )

@@ -193,9 +193,11 @@ class ServedTeacher:
         self.close()
 
     def summary(self) -> dict:
+        from alambic.redact import redact_text
+
         span = (self.last_return - self.first_call) if self.first_call and self.last_return else 0.0
         return {
-            "server": self.client.url, "model": self.client.model, "top_k": self.top_k, "calls": self.calls,
+            "server": redact_text(self.client.url), "model": self.client.model, "top_k": self.top_k, "calls": self.calls,
             "wait_s": round(self.wait_s, 4), "span_s": round(span, 4),
             "wait_fraction": round(self.wait_s / span, 4) if span > 0 else None,
             "stream_cache": None if self.stream is None else {"folder": str(self.stream.folder),

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from alambic.compat import check_compatible
-from alambic.config import DistillConfig, dump_config, load_config
+from alambic.config import DistillConfig, load_config
 
 
 def register(app: typer.Typer) -> None:
@@ -36,8 +36,13 @@ def register(app: typer.Typer) -> None:
         from alambic.config import config_model_for, read_yaml
 
         read_yaml(config)  # missing / unreadable file: a clear error before the schema lookup
+        from alambic.output import config_summary, full_config_text, is_verbose
+
         resolved = load_config(config, overrides or [], config_model_for(config))
         if isinstance(resolved, DistillConfig):
             check_compatible(resolved)  # modes and features that cannot be combined, before anything loads
-        typer.echo(dump_config(resolved))
-        typer.echo(f"{config}: valid")
+        if is_verbose():
+            typer.echo(full_config_text(resolved))
+        elif isinstance(resolved, DistillConfig):
+            typer.echo(config_summary(resolved))
+        typer.echo(f"{config}: valid ({type(resolved).__name__})")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from alambic.config import DistillConfig
 from alambic.durable import atomic_dir
+from alambic.redact import redact_text
+from alambic.training.finite import check_finite_weights
 
 
 def model_card(config: DistillConfig, teacher_name: str | None, metrics: dict, parameters: int) -> str:
@@ -46,13 +48,20 @@ The full resolved configuration is in `config.yaml` next to this folder.
 """
 
 
-def export_student(student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name) -> Path:
-    """Write run_dir/final atomically (temp folder, then rename)."""
+def export_student(
+    student_module, tokenizer, config: DistillConfig, run_dir: Path, metrics: dict, teacher_name, state_dict=None
+) -> Path:
+    """Write run_dir/final atomically (temp folder, then rename).
+
+    `state_dict`: the full weights when the module holds only shards (FSDP), gathered by the caller.
+    """
     model = student_module.model
+    check_finite_weights(model if state_dict is None else state_dict, "final export")  # never a NaN model on disk (training/finite.py)
     with atomic_dir(Path(run_dir) / "final") as temporary:
-        model.save_pretrained(temporary, safe_serialization=True)
+        model.save_pretrained(temporary, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
         parameters = sum(p.numel() for p in model.parameters())
-        (temporary / "README.md").write_text(model_card(config, teacher_name, metrics, parameters))
+        card = model_card(config, teacher_name, metrics, parameters)
+        (temporary / "README.md").write_text(redact_text(card))  # e.g. a served teacher's URL: no credentials
         (temporary / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(run_dir) / "final"

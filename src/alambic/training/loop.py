@@ -10,7 +10,6 @@ and which data. The loop itself never changes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -22,15 +21,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from alambic.compat import check_compatible
-from alambic.config import DistillConfig, dump_config
+from alambic.config import DistillConfig
+from alambic.output import describe_config
 from alambic.data import build_datasets, collate
+from alambic.data.transfer import drop_unlabelled_without_teacher
 from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
-from alambic.training.checkpoint import load_checkpoint, save_checkpoint
-from alambic.training.export import export_student
+from alambic.training.distributed import check_launcher, make_strategy
 from alambic.training.optim import build_optimizer, build_scheduler
 from alambic.training.progress import TrainingProgress
+from alambic.training.nonfinite import NonFiniteGuard
+from alambic.training.preflight import check_class_labels
 from alambic.training.run_dir import create_run_dir, inspect_run_dir
+from alambic.training.run_lock import hold_run_folder
 from alambic.training.setup import build_models
 from alambic.training.step_loss import loss_positions, loss_sums
 
@@ -59,33 +62,41 @@ def make_accelerator(config: DistillConfig, run_dir: Path) -> Accelerator:
 def run_distillation(
     config: DistillConfig, overwrite: bool = False, resume: bool = False, print_config: bool = False
 ) -> RunResult:
+    with hold_run_folder(config.train.output_dir):  # one run per folder, for the whole run (run_lock.py)
+        return _run_distillation(config, overwrite, resume, print_config)
+
+
+def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, print_config: bool) -> RunResult:
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
     check_compatible(config)
     checkpoint = inspect_run_dir(config, overwrite, resume)
+    check_launcher()  # before any process group or model: Accelerate's FSDP / DeepSpeed plugins are refused
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     if print_config and is_main:
-        print(dump_config(config))
+        print(describe_config(config))  # one line; the full config with --verbose
     set_seed(config.train.seed)
+    strategy = make_strategy(config, accelerator)  # ddp or fsdp (training/distributed.py)
 
     # Models and data: the student is what trains; the teacher source is what it learns from.
-    setup = build_models(config, accelerator.device)
+    setup = build_models(config, strategy.build_device)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
+    check_class_labels(config, student, train_data, eval_data)  # before anything is written (preflight.py)
     teacher = setup.bind_teacher(train_data)
+    train_data = drop_unlabelled_without_teacher(train_data, teacher, print if is_main else (lambda _: None))
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
     if is_main:
         create_run_dir(config, overwrite and checkpoint is None)
     accelerator.wait_for_everyone()
 
-    optimizer = build_optimizer(student, config.train)
-    scheduler = build_scheduler(optimizer, config.train)
+    student, optimizer = strategy.prepare(setup, lambda module: build_optimizer(module, config.train))
     # The scheduler is stepped by hand once per optimiser step: accelerate would step it once per process.
-    student, optimizer = accelerator.prepare(student, optimizer)
+    scheduler = build_scheduler(optimizer, config.train)
     start_step = 0
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
+        start_step = strategy.load_checkpoint(checkpoint, student, optimizer, scheduler)["step"]
         if is_main:
             print(f"resuming from {checkpoint} (step {start_step})")
     _truncate_history(run_dir / "metrics.jsonl", start_step, is_main)
@@ -93,9 +104,11 @@ def run_distillation(
         accelerator.init_trackers("alambic", config=_flat(config.model_dump(mode="json")))
 
     plan = BatchPlan(len(train_data), config.train.batch_size, accelerator.num_processes, config.train.grad_accum, config.train.seed)
-    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main)
+    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main,
+                                task=config.task)
     pad_id = tokenizer.pad_token_id
     last_eval: dict = {}
+    guard = NonFiniteGuard(config.train.nonfinite_skips, run_dir, accelerator)
     student.train()
     for step in range(start_step + 1, config.train.max_steps + 1):
         started = time.perf_counter()
@@ -113,26 +126,31 @@ def run_distillation(
         for micro, batch in enumerate(batches):
             input_tokens += int(batch["attention_mask"].sum())
             last_micro = micro == len(batches) - 1
-            with accelerator.no_sync(student) if not last_micro else contextlib.nullcontext():
+            with strategy.micro_step(student, last_micro):
                 sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
                 # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
                 scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
-                accelerator.backward(scaled)
+                strategy.backward(scaled)
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
         grad_norm = None
         if config.train.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), config.train.max_grad_norm))
+            grad_norm = strategy.clip_grad_norm(student, config.train.max_grad_norm)
+        if not guard.step_ok(step, totals["loss"], grad_norm, student):  # NaN/inf: skip, or stop (exit 3)
+            optimizer.zero_grad(set_to_none=True)
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         for hook in setup.after_step:  # e.g. an EMA teacher follows the student
-            hook(accelerator.unwrap_model(student), step)
+            hook(strategy.unwrap(student), step)
 
         record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
+        if teacher is None and not totals["kd"]:  # supervised: there is no KD term to log
+            record.pop("kd")
         if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
             last_eval = evaluate(
-                accelerator.unwrap_model(student), teacher if setup.teacher_evaluable else None, eval_data,
+                strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,
                 config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
             )
             record.update(last_eval)
@@ -144,25 +162,25 @@ def run_distillation(
         if _DEBUG_STEP_SLEEP:  # lets kill/resume tests stop a run between steps reliably
             time.sleep(_DEBUG_STEP_SLEEP)
         if config.train.save_every and step % config.train.save_every == 0:
-            accelerator.wait_for_everyone()
-            if is_main:
-                save_checkpoint(
-                    run_dir, step, accelerator.unwrap_model(student), optimizer, scheduler,
-                    {"loss": record["loss"]}, config.train.keep_last,
-                )
-            accelerator.wait_for_everyone()
+            strategy.save_checkpoint(run_dir, step, student, optimizer, scheduler, {"loss": record["loss"]}, config.train.keep_last)
     progress.close()
 
+    if not last_eval and eval_data is not None:  # resumed with no step left: the export still gets its metrics
+        last_eval = evaluate(
+            strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,
+            config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
+        )
     accelerator.wait_for_everyone()
     history = _read_history(run_dir / "metrics.jsonl")
+    strategy.export(student, tokenizer, run_dir, last_eval, setup.teacher_name)
     if is_main:
-        export_student(accelerator.unwrap_model(student), tokenizer, config, run_dir, last_eval, setup.teacher_name)
         for hook in setup.after_train:  # e.g. co-distillation saves its peers
-            hook(accelerator.unwrap_model(student), run_dir)
+            hook(strategy.unwrap(student), run_dir)
     accelerator.wait_for_everyone()
     if config.train.trackers:
         accelerator.end_training()
-    return RunResult(run_dir, last_eval, history, accelerator.unwrap_model(student))
+    strategy.close()
+    return RunResult(run_dir, last_eval, history, strategy.unwrap(student))
 
 
 def _load_batch(dataset, indices: list[int], pad_id: int, device) -> dict:

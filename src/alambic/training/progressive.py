@@ -27,6 +27,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from alambic.config import DistillConfig, StudentConfig, Strict, TeacherConfig, apply_overrides, format_validation_error
+from alambic.config_overrides import flatten_dotted
 from alambic.durable import atomic_dir, atomic_write_text
 from alambic.errors import ConfigError
 
@@ -82,7 +83,7 @@ def stage_configs(config: ProgressiveConfig) -> list[DistillConfig]:
     for index, stage in enumerate(config.stages):
         raw = json.loads(json.dumps(config.run))
         raw.setdefault("train", {})["output_dir"] = str(stage_folder(config, index))
-        for key, value in stage.overrides.items():
+        for key, value in flatten_dotted(stage.overrides):  # nested keys too: stages.N.overrides.train.lr=...
             apply_overrides(raw, [f"{key}={json.dumps(value)}"])
         raw["teacher"] = teacher
         if stage.architecture is not None:

@@ -7,7 +7,6 @@ The same config with checkpoints present resumes automatically.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
@@ -15,10 +14,13 @@ import yaml
 from alambic.config import DistillConfig, dump_config
 from alambic.durable import atomic_write_text
 from alambic.errors import ConfigError
-from alambic.training.checkpoint import list_checkpoints
+from alambic.redact import redact_tree
+from alambic.training.checkpoint import latest_valid_checkpoint
+from alambic.training.run_lock import clear_folder, folder_is_empty, remove_stale_temporaries
 
 # Keys that do not change what a run computes, so changing them is not "a different run".
-COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers")}
+COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_every"), ("train", "trackers"),
+                 ("train", "nonfinite_skips")}
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -28,14 +30,24 @@ def _comparable(config_dict: dict) -> dict:
     return copy
 
 
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"student", "data", "train"} <= set(saved)
+
+
 def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
     """Decide, without writing anything, whether the run may use its folder.
 
     Returns the checkpoint to resume from, or None for a fresh start.
     """
     run_dir = Path(config.train.output_dir)
-    if overwrite or not run_dir.exists() or not any(run_dir.iterdir()):
+    if overwrite or folder_is_empty(run_dir):
         return None
+    if folder_is_empty(run_dir, ignore=("config.yaml",)) and _is_run_config(run_dir / "config.yaml"):
+        return None  # only the config of a run that stopped before its first step: nothing to keep
     saved_config = run_dir / "config.yaml"
     if not saved_config.exists():
         raise ConfigError(
@@ -43,16 +55,16 @@ def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Pat
             "choose another train.output_dir, or pass --overwrite to delete its contents",
         )
     previous = yaml.safe_load(saved_config.read_text()) or {}
-    same = _comparable(previous) == _comparable(config.model_dump(mode="json"))
+    same = _comparable(previous) == _comparable(redact_tree(config.model_dump(mode="json")))  # as saved
     if not same and not resume:
         raise ConfigError(
             f"output folder {str(run_dir)!r} already holds a different run (its config.yaml differs)",
             "pass --resume to continue that run with this config, --overwrite to start again, "
             "or choose another train.output_dir",
         )
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        return checkpoints[-1]
+    checkpoint = latest_valid_checkpoint(run_dir)
+    if checkpoint is not None:
+        return checkpoint
     if (run_dir / "final").exists() and not resume:
         raise ConfigError(
             f"output folder {str(run_dir)!r} already holds a finished run with no checkpoint to resume",
@@ -65,7 +77,8 @@ def create_run_dir(config: DistillConfig, overwrite: bool) -> Path:
     """Called once models and data loaded fine, so a bad input leaves no folder behind."""
     run_dir = Path(config.train.output_dir)
     if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        clear_folder(run_dir)  # keeps the lock this run holds
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a run killed mid-write; the lock says none is live
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
     return run_dir

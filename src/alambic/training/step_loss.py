@@ -27,6 +27,7 @@ from alambic.data import IGNORE
 from alambic.losses import per_token_distillation_loss
 from alambic.losses.fused import fused_distillation_loss
 from alambic.losses.options import LossOptions
+from alambic.losses.targets import hard_target_loss, sparse_hard_labels, teacher_hard_labels, without_gold
 from alambic.losses.sparse import fused_sparse_distillation_loss, sparse_per_token_distillation_loss
 from alambic.models.module import student_module
 from alambic.teachers.base import SignalRequest, TeacherSignal, WeightedSignal
@@ -63,7 +64,7 @@ class StepOutputs:
         if self.outputs.get("logits") is not None:
             return self.outputs["logits"]
         weight, bias = self.module.head_parameters()
-        return F.linear(self.outputs["hidden"], weight, bias)
+        return self.module.logit_transform().apply(F.linear(self.outputs["hidden"], weight, bias))
 
 
 def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> bool:
@@ -72,29 +73,50 @@ def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> boo
         and task == "causal_lm"
         and "weight" not in batch
         and "token_weight" not in batch
+        and "has_label" not in batch  # unlabelled rows: the plain path drops their CE (losses/targets.py)
+        and target_kind(loss_cfg) == "soft"
         and student.supports_fused_head()
     )
 
 
-def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options: LossOptions) -> dict:
-    """Per-position {"loss", "kd", "ce"} of aligned student logits against any kind of signal."""
+def target_kind(loss_cfg) -> str:
+    """soft: the teacher's distribution; hard: its argmax as a label (loss.teacher_targets)."""
+    return getattr(loss_cfg, "teacher_targets", "soft")
+
+
+def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options: LossOptions, mask=None,
+                   targets: str = "soft") -> dict:
+    """Per-position {"loss", "kd", "ce"} of aligned student logits against any kind of signal.
+
+    Positions outside `mask` are never read (a NaN there cannot reach the sums or gradients).
+    targets="hard": the teacher term is the CE against the teacher's argmax (losses/targets.py)."""
     if signal is None:
-        return per_token_distillation_loss(student_logits, None, labels, **options.kwargs())
+        return per_token_distillation_loss(student_logits, None, labels, mask=mask, **options.kwargs())
     if signal.components is not None:  # several teachers: the weighted sum of each one's loss
         total: dict = {}
         for part in signal.components:
             if not bool(part.weight.any()):
                 continue  # no position of this batch is given to this teacher
-            for name, values in per_token_loss(student_logits, part.signal, labels, options).items():
+            for name, values in per_token_loss(student_logits, part.signal, labels, options, mask, targets).items():
                 total[name] = total.get(name, 0.0) + part.weight * values
         return total
+    if targets == "hard":
+        return hard_target_loss(student_logits, labels, _teacher_argmax(signal), options.alpha)
     if signal.topk_ids is not None:
         options.check_signal_temperature(signal.temperature)
         return sparse_per_token_distillation_loss(
             student_logits, signal.topk_ids, signal.topk_logprobs, signal.tail_logmass, labels,
-            kd_mask=signal.extras.get("kd_mask"), **options.kwargs(),
+            kd_mask=signal.extras.get("kd_mask"), mask=mask, **options.kwargs(),
         )
-    return per_token_distillation_loss(student_logits, signal.full_logits(), labels, **options.kwargs())
+    return per_token_distillation_loss(student_logits, signal.full_logits(), labels, mask=mask, **options.kwargs())
+
+
+def _teacher_argmax(signal: TeacherSignal) -> torch.Tensor:
+    if signal.topk_ids is None:
+        return teacher_hard_labels(signal.full_logits())
+    ids = sparse_hard_labels(signal.topk_ids, signal.topk_logprobs)
+    kd_mask = signal.extras.get("kd_mask")  # positions without a stored teacher distribution learn the label alone
+    return ids if kd_mask is None else torch.where(kd_mask.bool(), ids, torch.full_like(ids, IGNORE))
 
 
 def shift_signal(signal: TeacherSignal) -> TeacherSignal:
@@ -116,8 +138,9 @@ def shift_signal(signal: TeacherSignal) -> TeacherSignal:
 
 
 def _sums(per_token: dict, mask: torch.Tensor, weight: torch.Tensor | None) -> dict:
-    scale = mask.float() if weight is None else mask.float() * weight
-    return {name: (values * scale).sum() for name, values in per_token.items()}
+    # Selected, never multiplied by 0: a NaN at an uncounted position must not reach the sum.
+    scale = 1.0 if weight is None else weight
+    return {name: torch.where(mask, values * scale, 0.0).sum() for name, values in per_token.items()}
 
 
 def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fused: bool, needs=frozenset()):
@@ -139,7 +162,11 @@ def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fus
         token_weight = batch["token_weight"][:, 1:]
         weight = token_weight if weight is None else weight * token_weight
     shifted = shift_signal(signal) if signal is not None else None
-    per_token = per_token_loss(outputs["logits"][:, :-1], shifted, labels, options)
+    per_token = per_token_loss(outputs["logits"][:, :-1], shifted, labels, options, mask, target_kind(loss_cfg))
+    if signal is not None:  # rows of an unlabelled pool (data.unlabelled) learn the teacher term alone
+        per_token = without_gold(per_token, batch.get("has_label"))
+    elif "has_label" in batch:
+        mask = mask & batch["has_label"][:, None]
     return _sums(per_token, mask, weight), step
 
 
@@ -148,6 +175,8 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig, opt
     flat_labels = labels[mask]
     weight, bias = student_module(student).head_parameters()
     common = {"chunk_size": loss_cfg.chunk_size, "reduction": "sum", **options.kwargs()}
+    # The student's own transformation after its head (Gemma soft-capping, Granite / Cohere scaling).
+    common["student_transform"] = student_module(student).logit_transform()
     if signal is not None and signal.topk_ids is not None:
         options.check_signal_temperature(signal.temperature)
         shifted = shift_signal(signal)
@@ -163,6 +192,7 @@ def _fused_sums(student, hidden, signal, labels, mask, loss_cfg: LossConfig, opt
             "teacher_hidden": signal.hidden[:, :-1][mask],
             "teacher_head_weight": signal.head_weight,
             "teacher_head_bias": signal.head_bias,
+            "teacher_transform": signal.logit_transform,
         }
     elif signal is not None:
         teacher_kwargs = {"teacher_logits": signal.full_logits()[:, :-1][mask]}
@@ -174,10 +204,13 @@ def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig
     options = LossOptions.from_config(loss_cfg)
     signal = teacher(batch, _signal_request(needs, False)) if teacher is not None else None
     outputs = student(batch["input_ids"], batch["attention_mask"], **_student_layer_outputs(needs))
-    per_example = per_token_loss(outputs["logits"], signal, batch["labels"], options)
-    mask = torch.ones_like(batch["labels"], dtype=torch.bool)
+    per_example = per_token_loss(outputs["logits"], signal, batch["labels"], options, targets=target_kind(loss_cfg))
     step = StepOutputs(student, batch, outputs, signal, options, "sequence_classification")
-    return _sums(per_example, mask, batch.get("weight")), step
+    has_label = batch["labels"] != IGNORE  # unlabelled rows (a transfer set) learn the teacher term alone
+    if signal is None:
+        return _sums(per_example, has_label, batch.get("weight")), step
+    per_example = without_gold(per_example, has_label)
+    return _sums(per_example, torch.ones_like(has_label), batch.get("weight")), step
 
 
 def loss_positions(batch: dict, task: str) -> int:

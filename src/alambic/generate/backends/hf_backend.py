@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
+from pathlib import Path
+
 from alambic.errors import ModelError
 from alambic.generate.backends.base import TeacherReply, TeacherRequest
+from alambic.generate.checks import resolve_device
 from alambic.generate.config import TeacherBackendConfig
+from alambic.models.loading import _hub_error, _is_offline, check_weight_files, resolve_model_source
 
 
 class HFTeacher:
@@ -26,21 +30,26 @@ class HFTeacher:
         self.config = config
         self.batch_size = config.batch_size
         self.max_in_flight = 1  # concurrent generate calls on one model only compete for the same device
+        device = resolve_device(config.device, torch)  # before loading: a wrong device fails at once
+        source = resolve_model_source(config.model, "teacher")
+        if Path(source).is_dir():
+            check_weight_files(Path(source), "teacher")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code,
+                                                           local_files_only=_is_offline())
             dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
             self.model = AutoModelForCausalLM.from_pretrained(
-                config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True
+                source, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True,
+                local_files_only=_is_offline(),
             )
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the teacher {config.model!r}: {err}",
-                             "give a local folder with config, safetensors weights and a tokenizer") from None
+            if source == config.model and not Path(source).exists():
+                raise _hub_error(config.model, "teacher", err) from None
+            raise ModelError(f"cannot load the teacher {config.model!r}: {str(err).splitlines()[0]}",
+                             "give a local folder with config.json, safetensors weights and a tokenizer") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelError(f"the tokenizer of {config.model!r} has no chat template",
                              "use a chat model, or add a chat_template to its tokenizer_config.json")
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(device).eval()
         self.device = device
         self.tokenizer.padding_side = "left"

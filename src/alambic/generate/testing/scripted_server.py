@@ -5,6 +5,7 @@ is known exactly) and a deterministic teacher for recipe tests. It is not a
 model: `responder(messages, body)` decides the answer text.
 
     python -m alambic.generate.testing.scripted_server --delay 0.1 --port 8011
+    python -m alambic.generate.testing.scripted_server --responder sentiment --delay 0 --port 8011
 """
 
 from __future__ import annotations
@@ -33,6 +34,26 @@ def echo_responder(messages: list, body: dict) -> str:
     return f"echo: {messages[-1]['content']}"
 
 
+POSITIVE_WORDS = ("joy", "loved", "stunning", "funny", "warm", "moving", "clever", "best", "heart", "beautiful",
+                  "delightful", "wonderful", "pleasure", "smart", "satisfying", "gorgeous", "great", "good")
+
+
+def sentiment_responder(messages: list, body: dict) -> str:
+    """A keyword rule standing in for a labelling model (offline rehearsals of the label recipes)."""
+    text = messages[-1]["content"].lower()
+    return "positive" if any(word in text for word in POSITIVE_WORDS) else "negative"
+
+
+def rationale_responder(messages: list, body: dict) -> str:
+    """The step-by-step answer format ("Rationale: ... Answer: ...") from the same keyword rule."""
+    label = sentiment_responder(messages, body)
+    cue = "praise" if label == "positive" else "complaints"
+    return f"Rationale: The review is mostly {cue}. Answer: {label}"
+
+
+RESPONDERS = {"echo": echo_responder, "sentiment": sentiment_responder, "rationale": rationale_responder}
+
+
 class ScriptedChatServer:
     """Serve /v1/chat/completions on 127.0.0.1; `log` holds (time, last message, seed) per answer sent.
 
@@ -41,8 +62,9 @@ class ScriptedChatServer:
     """
 
     def __init__(self, responder: Responder = echo_responder, delay_s: float = 0.0, port: int = 0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, serve_logprobs: bool = True):
         self.responder = responder
+        self.serve_logprobs = serve_logprobs  # False: ignore `logprobs` like `transformers serve` does
         self.delay_s = delay_s
         self.port = port
         self.api_key = api_key
@@ -97,7 +119,7 @@ class ScriptedChatServer:
         finally:
             self.active -= 1
         self.log.append((time.monotonic(), messages[-1]["content"], body.get("seed")))
-        return json_response(200, _completion(body, text))
+        return json_response(200, _completion(body, text, self.serve_logprobs))
 
     # ----------------------------------------------------------- running in a thread (tests)
 
@@ -129,11 +151,11 @@ class ScriptedChatServer:
         self._thread.join(10)
 
 
-def _completion(body: dict, text: str) -> dict:
+def _completion(body: dict, text: str, serve_logprobs: bool = True) -> dict:
     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
     completion_tokens = len(text.split())
     logprobs = None
-    if body.get("logprobs"):
+    if body.get("logprobs") and serve_logprobs:
         top = int(body.get("top_logprobs") or 0)
         logprobs = {"content": [
             {"token": word, "logprob": -0.1 * (i + 1), "bytes": None,
@@ -155,10 +177,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay", type=float, default=0.1, help="seconds before each answer")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--responder", choices=sorted(RESPONDERS), default="echo",
+                        help="echo the prompt, or label it by keywords (sentiment, rationale)")
     args = parser.parse_args()
 
     async def serve() -> None:
-        server = ScriptedChatServer(delay_s=args.delay, port=args.port)
+        server = ScriptedChatServer(RESPONDERS[args.responder], delay_s=args.delay, port=args.port)
         await server.start()
         print(f"listening {server.port}", flush=True)
         await asyncio.Event().wait()

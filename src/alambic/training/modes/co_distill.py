@@ -80,7 +80,8 @@ def _student_logits(module: StudentModule, outputs: dict) -> torch.Tensor:
         return outputs["logits"].detach()
     with torch.no_grad():
         weight, bias = module.head_parameters()
-        return torch.nn.functional.linear(outputs["hidden"], weight, bias)
+        # What the model's forward() returns: its own transformation after the head (e.g. Gemma soft-capping).
+        return module.logit_transform().apply(torch.nn.functional.linear(outputs["hidden"], weight, bias))
 
 
 class PeerTerm:

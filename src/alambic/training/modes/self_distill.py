@@ -77,7 +77,7 @@ class EarlyExitTerm:
             labels = batch["labels"][:, 1:]
             mask = labels != IGNORE
             head_weight, head_bias = module.head_parameters()
-            final = _final_logits(outputs, mask, head_weight, head_bias)
+            final = _final_logits(outputs, mask, head_weight, head_bias, module.logit_transform())
             for layer in self.layers:
                 hidden = outputs["hidden_states"][layer + 1][:, :-1][mask]
                 logits = heads[f"layer_{layer}"](hidden, head_weight, head_bias)
@@ -87,11 +87,12 @@ class EarlyExitTerm:
 
 
 @torch.no_grad()
-def _final_logits(outputs: dict, mask: torch.Tensor, head_weight, head_bias) -> torch.Tensor:
-    """The final layer's logits at the loss positions; on the fused path they were never built."""
+def _final_logits(outputs: dict, mask: torch.Tensor, head_weight, head_bias, transform) -> torch.Tensor:
+    """The final layer's logits at the loss positions; on the fused path they were never built
+    (then: the head and the model's own transformation after it, e.g. Gemma soft-capping)."""
     if outputs.get("logits") is not None:
         return outputs["logits"][:, :-1][mask].detach()
-    return F.linear(outputs["hidden"][:, :-1][mask], head_weight, head_bias).float()
+    return transform.apply(F.linear(outputs["hidden"][:, :-1][mask], head_weight, head_bias).float())
 
 
 class EmaHook:
