@@ -132,6 +132,9 @@ FEATURES: dict[str, Feature] = {
     "fp16": Feature("train.mixed_precision 'fp16'", lambda c: c.train.mixed_precision == "fp16"),
     "interchange": Feature("interchange", lambda c: c.interchange is not None),
     "quantization": Feature("quantization", lambda c: c.quantization is not None),
+    # transfer sets (data/transfer.py, losses/targets.py)
+    "unlabelled_pool": Feature("data.unlabelled", lambda c: c.data.unlabelled is not None),
+    "hard_targets": Feature("loss.teacher_targets 'hard'", lambda c: c.loss.teacher_targets == "hard"),
 }
 
 _ONE_TOKENIZATION = "it compares tensors position by position in one tokenization"
@@ -275,6 +278,15 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     # quantization-aware training: the compressed-tensors export
     Incompatible("quantization", "classification", "its export (compressed-tensors) is written and tested for "
                  "causal LMs only", "remove quantization, or set task: causal_lm"),
+    # transfer sets: the teacher labels the unlabelled rows
+    Incompatible("unlabelled_pool", "no_teacher_signal", "rows without gold labels learn only from a teacher",
+                 "add a teacher section (teacher.model or teacher.cache), or remove data.unlabelled"),
+    Incompatible("unlabelled_pool", "packing", "packed blocks would mix labelled and unlabelled rows",
+                 "set data.packing: false"),
+    Incompatible("hard_targets", "no_teacher_signal", "hard targets are the teacher's argmax",
+                 "add a teacher section, or remove loss.teacher_targets"),
+    Incompatible("hard_targets", "cross_tokenizer", "the teacher's argmax is a token of another vocabulary",
+                 "use loss.teacher_targets: soft"),
 )
 
 

@@ -112,6 +112,9 @@ class DataConfig(Strict):
     train_on_prompt: bool = Field(False, description="also compute the loss on prompt / non-assistant tokens")
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     weight_column: str | None = Field(None, description="per-record loss weight (e.g. multi-task mixing)")
+    unlabelled: str | None = Field(None, description="a second file of rows without gold labels (a transfer set): "
+                                   "the teacher's targets alone teach them (data/transfer.py)")
+    labelled_repeat: int = Field(1, ge=1, description="times the labelled pool (data.train) is repeated in each epoch")
     logprobs_column: str | None = Field(
         None, description="prompt_completion: per-token teacher logprobs (alambic generate's completion_logprobs) "
         "used as soft targets when there is no teacher section",
@@ -125,6 +128,8 @@ class LossConfig(Strict):
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation")
     skew_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew KL mixing weight (DistiLLM), in (0, 1)")
     top_k: int | None = Field(None, ge=1, description="restrict the teacher distribution to its top-k tokens")
+    teacher_targets: Literal["soft", "hard"] = Field(
+        "soft", description="soft: the teacher's distribution (KD); hard: its argmax as a label (losses/targets.py)")
     fused: bool = Field(True, description="chunked LM-head loss for causal LMs (never materialises N x V logits)")
     chunk_size: int = Field(1024, ge=1)
     logit_softcap: float | None = Field(

@@ -107,7 +107,9 @@ def describe_tiny_setup(setup: dict) -> str:
 
 if __name__ == "__main__":
     from alambic import output
+    from alambic.testing_classify import build_tiny_classifier
 
     output.configure(output.pop_verbose(sys.argv))
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
     print(describe_tiny_setup(build_tiny_setup(folder, progress=True)))
+    print(build_tiny_classifier(folder / "classify", progress=True)["teacher"])  # configs/classify_transfer.yaml

@@ -61,6 +61,8 @@ EXAMPLES = {
                                    {"model": f"{MISSING}/m", "name": "m"}]},
     "interchange": {"interchange": {"layer_map": {0: 0}}},
     "quantization": {"quantization": {"bits": 4}},
+    "unlabelled_pool": {"data": {"unlabelled": f"{MISSING}/transfer.jsonl"}},
+    "hard_targets": {"loss": {"teacher_targets": "hard"}},
 }
 
 

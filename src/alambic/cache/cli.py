@@ -93,8 +93,10 @@ def cache_logits(
     from alambic.output_paths import check_output_folder
 
     config = load_config(config_path, overrides, DistillConfig)
-    if config.task != "causal_lm":
-        raise ConfigError("cache-logits caches next-token distributions: it needs task: causal_lm")
+    if config.task == "sequence_classification":  # class logits are small: stored whole (cache/class_logits.py)
+        from alambic.cache.class_logits import cache_class_logits
+
+        return cache_class_logits(config, out, batch_size, overwrite, device, progress)
     if config.teacher is None or config.teacher.model is None:
         raise ConfigError("cache-logits runs the teacher: set teacher.model in the config", "e.g. teacher.model=org/model")
     folder = out or config.teacher.cache
@@ -168,6 +170,9 @@ def register(app: typer.Typer) -> None:
             config, overrides or [], k, out, shard_rows, batch_size, value_bits, max_bytes_per_token,
             resume, overwrite, device, progress,
         )
+        if manifest.get("kind") == "class_logits":
+            typer.echo(f"cached the class logits of {manifest['num_rows']} rows ({manifest['num_classes']} classes)")
+            return
         identity = manifest["identity"]
         if os.environ.get("RANK", "0") != "0":
             return

@@ -18,6 +18,7 @@ from alambic.config import DataConfig
 from alambic.data.files import read_records
 from alambic.data.formats import ENCODERS, IGNORE
 from alambic.data.soft_targets import collate_soft_targets, report_soft_targets
+from alambic.data.transfer import read_unlabelled, texts_hash
 from alambic.errors import DataError
 
 
@@ -26,6 +27,7 @@ class TokenizedDataset:
     rows: list[dict]
     fingerprint: str
     source: str
+    records_hash: str = ""  # the texts of the rows, in order, whatever the tokenizer (class-logit caches)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -66,7 +68,8 @@ def pack_rows(rows: list[dict], block_length: int) -> list[dict]:
 
 def _fingerprint(records: list[dict], data_cfg: DataConfig, tokenizer) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps(data_cfg.model_dump(mode="json", exclude={"train", "eval"}), sort_keys=True).encode())
+    digest.update(json.dumps(data_cfg.model_dump(mode="json", exclude={"train", "eval", "unlabelled"}),
+                             sort_keys=True).encode())
     digest.update(str(getattr(tokenizer, "name_or_path", "")).encode())
     digest.update(str(len(tokenizer)).encode())
     for record in records:
@@ -118,7 +121,12 @@ def build_datasets(data_cfg: DataConfig, tokenizer, task: str = "causal_lm", see
             "(no record has a token that carries a loss)",
             "check the columns and data.format; with prompt_completion, completions must be non-empty",
         )
-    train = TokenizedDataset(train_rows, _fingerprint(records, data_cfg, tokenizer), data_cfg.train)
+    # A transfer set: the labelled pool (repeated) then the unlabelled pool (data/transfer.py says how they mix).
+    unlabelled_records, unlabelled_rows = read_unlabelled(data_cfg, tokenizer, tokenize_records, read_records)
+    train_rows = [dict(row) for _ in range(data_cfg.labelled_repeat) for row in train_rows] + unlabelled_rows
+    fingerprint = _fingerprint(records + [{"__unlabelled__": r} for r in unlabelled_records], data_cfg, tokenizer)
+    train = TokenizedDataset(train_rows, fingerprint, data_cfg.train,
+                             texts_hash(records * data_cfg.labelled_repeat + unlabelled_records, data_cfg))
     evaluation = None
     if eval_records is not None:
         eval_source = data_cfg.eval or f"{data_cfg.train} (held-out {data_cfg.eval_fraction:.0%})"
@@ -154,6 +162,8 @@ def collate(rows: list[dict], pad_token_id: int, row_indices: list[int] | None =
             positions[i, :n] = torch.tensor(row["position_ids"], dtype=torch.long)
             positions[i, n:] = torch.arange(length - n)  # padding forms its own "document"
         batch["position_ids"] = positions
+    if any("hard" in r for r in rows):  # causal LM rows of an unlabelled pool: no CE term
+        batch["has_label"] = torch.tensor([bool(r.get("hard", True)) for r in rows], dtype=torch.bool)
     if "weight" in rows[0]:
         batch["weight"] = torch.tensor([r.get("weight", 1.0) for r in rows], dtype=torch.float32)
     if any("topk_ids" in r for r in rows):  # teacher logprobs stored in the records (data.logprobs_column)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alambic.config import DataConfig
 from alambic.data.soft_targets import soft_targets_for
+from alambic.data.transfer import label_or_ignore
 from alambic.errors import DataError
 
 IGNORE = -100
@@ -123,7 +124,7 @@ def encode_messages(record, tokenizer, data_cfg, source, index):
 
 def encode_classification(record, tokenizer, data_cfg, source, index):
     text = _require(record, data_cfg.text_column, data_cfg, source, index)
-    label = _require(record, data_cfg.label_column, data_cfg, source, index)
+    label = label_or_ignore(record, data_cfg.label_column)  # no label: the teacher's targets teach the row
     try:
         label = int(label)
     except (TypeError, ValueError):

@@ -43,11 +43,14 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="evaluate the first N records only"),
         speed: bool = typer.Option(True, "--speed/--no-speed", help="measure latency, throughput and memory"),
         output_dir: Optional[str] = typer.Option(None, "--out", help="folder for metrics.json and report.html"),
+        baseline: Optional[str] = typer.Option(None, "--baseline", help="a baseline student (folder, or the name of "
+                                               "an evaluated one): report the share of its gap each student closes"),
     ) -> None:
         """Teacher and students side by side: quality, agreement, speed, memory, size, retention."""
         from alambic.errors import ConfigError
         from alambic.evaluate.report import write_report
-        from alambic.evaluate.targets import apply_options, resolve_target
+        from alambic.evaluate.gap import describe_gaps, gap_closed_shares
+        from alambic.evaluate.targets import add_baseline, apply_options, resolve_target
         from alambic.durable import atomic_write_text
         from alambic.output_paths import check_output_folder
 
@@ -55,11 +58,16 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"unknown task {task!r}", "use --task causal_lm or --task sequence_classification")
         plan = apply_options(resolve_target(target), list(student or []), data, task, max_length, output_dir)
         check_output_folder(plan.output_dir, "--out" if output_dir else "the eval output folder")
+        baseline_name = add_baseline(plan, baseline)
         report = evaluate_plan(plan, speed, limit)
+        if baseline_name:
+            report["baseline"], report["gap_closed"] = baseline_name, gap_closed_shares(report, baseline_name)
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(plan.output_dir / "metrics.json", json.dumps(report, indent=2))
         path = write_report([plan.output_dir])
         _print_models(report)
+        for line in describe_gaps(report):
+            typer.echo(line)
         typer.echo(f"metrics: {plan.output_dir / 'metrics.json'}\nreport: {path}")
 
     @app.command()
@@ -77,7 +85,11 @@ def _print_models(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from alambic.evaluate.console import table_console
+    from alambic.evaluate.ratios import versus_teacher
     from alambic.evaluate.report import METRIC_LABELS, format_value
+
+    teacher = next((e["metrics"] for e in report["models"].values() if e["role"] == "teacher"), {})
 
     names = list(report["models"])
     table = Table(title=f"alambic eval ({report['task']})")
@@ -90,7 +102,7 @@ def _print_models(report: dict) -> None:
         for name in names:
             entry = report["models"][name]
             cell = format_value(key, entry["metrics"].get(key))
-            kept = entry.get("retention", {}).get(key)
-            cells.append(cell + (f" ({kept:.0%})" if kept is not None else ""))
+            ratio = None if entry["role"] == "teacher" else versus_teacher(key, entry["metrics"].get(key), teacher.get(key))
+            cells.append(cell + (f" ({ratio})" if ratio else ""))
         table.add_row(METRIC_LABELS[key][0], *cells)
-    Console().print(table)
+    table_console().print(table)

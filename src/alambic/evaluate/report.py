@@ -14,6 +14,7 @@ import io
 import json
 from pathlib import Path
 
+from alambic.evaluate.ratios import versus_teacher
 from alambic.durable import atomic_write_text
 from alambic.errors import AlambicError, DataError
 
@@ -81,15 +82,17 @@ def metrics_table(run: dict) -> str:
     keys = [k for k in METRIC_LABELS if any(k in run["models"][n]["metrics"] for n in names)]
     keys += sorted({k for n in names for k in run["models"][n]["metrics"]} - set(keys))
     header = "".join(f"<th>{html.escape(n)} <span class='ret'>({run['models'][n]['role']})</span></th>" for n in names)
+    teacher = next((e["metrics"] for e in run["models"].values() if e["role"] == "teacher"), {})
     rows = []
     for key in keys:
         cells = []
         for name in names:
             entry = run["models"][name]
             cell = format_value(key, entry["metrics"].get(key))
-            kept = entry.get("retention", {}).get(key)
-            if kept is not None:
-                cell += f"<br><span class='ret'>retention {kept:.1%}</span>"
+            ratio = None if entry["role"] == "teacher" else versus_teacher(
+                key, entry["metrics"].get(key), teacher.get(key))
+            if ratio is not None:
+                cell += f"<br><span class='ret'>{html.escape(ratio)}</span>"
             cells.append(f"<td>{cell}</td>")
         label = METRIC_LABELS.get(key, (key, ""))[0]
         rows.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
@@ -153,15 +156,15 @@ def curves_plot(run: dict) -> str | None:
     plt = _pyplot()
     eval_key = "eval_accuracy" if run["task"] == "sequence_classification" else "eval_ce"
     figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, history in curves.items():
-        # Pure KD (alpha = 0) computes no hard-label CE: show its KD loss instead of a line of zeros.
-        term = "ce" if any(r.get("ce") for r in history) else "kd"
-        steps = [r["step"] for r in history if term in r]
-        values = [r[term] for r in history if term in r]
-        window = max(1, len(values) // 20)
-        smoothed = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-                    for i in range(len(values))]
-        loss_axis.plot(steps, smoothed, label=f"{name}: {'hard-label CE' if term == 'ce' else 'KD loss'}")
+    for index, (name, history) in enumerate(curves.items()):
+        # Each run's KD term (solid) and hard-label CE term (dashed), where the run has them.
+        color = f"C{index}"
+        for term, style, label in (("kd", "-", "KD term"), ("ce", "--", "CE term")):
+            points = [(r["step"], r[term]) for r in history if r.get(term)]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            loss_axis.plot(steps, _smoothed(list(values)), style, color=color, label=f"{name}: {label}")
         points = [(r["step"], r[eval_key]) for r in history if eval_key in r]
         if points:
             eval_axis.plot(*zip(*points), marker="o", label=name)
@@ -171,6 +174,12 @@ def curves_plot(run: dict) -> str | None:
         axis.grid(alpha=0.3)
         axis.legend()
     return _figure_html(figure, "training curves")
+
+
+def _smoothed(values: list[float]) -> list[float]:
+    window = max(1, len(values) // 20)
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))]
 
 
 def confusion_plot(run: dict, name: str) -> str | None:

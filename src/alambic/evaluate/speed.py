@@ -154,3 +154,67 @@ def generation_speed(
     first_token = fastest_seconds(lambda: generate(1), repeats=repeats)
     full = fastest_seconds(lambda: generate(new_tokens), repeats=repeats)
     return {"ttft_ms": 1000.0 * first_token, "tokens_per_s": batch_size * new_tokens / full}
+
+
+# ----------------------------------------------------------------------------- interleaved throughput
+
+SPREAD_WARNING = 0.10  # relative spread above which a speed figure is flagged as unreliable
+
+
+def interleaved_seconds(runners: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each runner's call in each of `rounds` rounds, the models interleaved.
+
+    Every round calls every model once, in an order rotated by one each round, so a
+    change of machine load (another process starting, the CPU clocking down) falls
+    on every model alike instead of on whichever happened to be measured then.
+    """
+    names = list(runners)
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                runners[name]()
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for round_index in range(rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = clock()
+                runners[name]()
+                samples[name].append(clock() - start)
+    return samples
+
+
+def median_and_spread(samples: list[float]) -> tuple[float, float]:
+    """(median, relative spread): the spread is the interquartile range over the median."""
+    ordered = sorted(samples)
+    median = statistics.median(ordered)
+    if len(ordered) < 4:
+        return median, (ordered[-1] - ordered[0]) / median if median else 0.0
+    quartiles = statistics.quantiles(ordered, n=4, method="inclusive")
+    return median, (quartiles[2] - quartiles[0]) / median if median else 0.0
+
+
+def interleaved_throughput(runners: dict[str, Callable[[], object]], batch_size: int, rounds: int = 7,
+                           warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+    """{name: {"throughput_per_s", "throughput_spread", "throughput_rounds"}} from interleaved rounds."""
+    result = {}
+    for name, seconds in interleaved_seconds(runners, rounds, warmup, clock).items():
+        median, spread = median_and_spread(seconds)
+        result[name] = {"throughput_per_s": batch_size / median, "throughput_spread": spread,
+                        "throughput_rounds": len(seconds)}
+    return result
+
+
+def spread_warnings(measured: dict[str, dict], limit: float = SPREAD_WARNING) -> list[str]:
+    return [f"{name}: throughput spread {values['throughput_spread']:.0%} over {values['throughput_rounds']} rounds "
+            f"(> {limit:.0%}): the machine's load changed while measuring; treat this speed as approximate"
+            for name, values in measured.items() if values["throughput_spread"] > limit]
+
+
+def classifier_batch_runner(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32):
+    """A no-argument callable running one batch of `batch_size` texts through `model` (inputs encoded once)."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunk = (texts * (batch_size // max(len(texts), 1) + 1))[:batch_size]
+    batch = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+    return lambda: model(**batch)

@@ -51,6 +51,15 @@ def _size_metrics(model, path: str) -> dict:
     }
 
 
+def load_for_eval(spec: ModelSpec, task: str):
+    """(frozen model in eval mode, its tokenizer)."""
+    return _load(spec, task)
+
+
+def add_retention(report: dict, teacher_name: str) -> None:
+    _add_retention(report, teacher_name)
+
+
 def _add_retention(report: dict, teacher_name: str) -> None:
     teacher_metrics = report["models"][teacher_name]["metrics"]
     for name, entry in report["models"].items():

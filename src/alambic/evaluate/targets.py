@@ -38,7 +38,7 @@ def _from_saved_metrics(folder: Path, saved: dict) -> EvalPlan:
     specs = [ModelSpec(name, entry["path"], entry["role"]) for name, entry in saved["models"].items()]
     return EvalPlan(saved["task"], specs, saved.get("eval_data"), saved.get("max_length", 512),
                     output_dir=folder / "eval",
-                    extra={k: saved[k] for k in ("class_names", "title") if k in saved})
+                    extra={k: saved[k] for k in ("class_names", "title", "baseline") if k in saved})
 
 
 def _from_distill_config(config: DistillConfig, run_folder: Path, source: str) -> EvalPlan:
@@ -105,3 +105,19 @@ def apply_options(plan: EvalPlan, students: list[str], data: str | None, task: s
     if plan.data is None:
         raise DataError("no evaluation data: the target names none", "pass --data FILE (jsonl, csv, parquet)")
     return plan
+
+
+def add_baseline(plan: EvalPlan, baseline: str | None) -> str | None:
+    """The name of the baseline student: --baseline (a folder, added as a student, or a model's name), or the one
+    a demo run folder names."""
+    if baseline is None:
+        return plan.extra.pop("baseline", None)
+    names = {spec.name for spec in plan.specs}
+    if baseline in names:
+        return baseline
+    if not Path(baseline).is_dir():
+        raise ConfigError(f"--baseline {baseline!r} is neither a model folder nor an evaluated model "
+                          f"({', '.join(sorted(names))})", "give the baseline student's folder")
+    name = _display_name(baseline, names)
+    plan.specs.append(ModelSpec(name, baseline, "student"))
+    return name

@@ -25,6 +25,8 @@ from pydantic import Field, field_validator, model_validator
 
 from alambic.config import ModelConfig, Strict
 from alambic.errors import ConfigError
+from alambic.models.encoder_init import init_encoder_student, refuse_mismatched_task
+from alambic.models.vocab_trim import VocabConfig
 from alambic.output_paths import atomic_output_dir, check_output_folder
 
 Keep = int | float
@@ -69,7 +71,7 @@ class CalibrationData(Strict):
 class InitStudentConfig(Strict):
     """`alambic init-student`: a student built from the teacher's weights."""
 
-    task: Literal["causal_lm"] = "causal_lm"
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     teacher: ModelConfig
     output_dir: str = "runs/init_student"
     method: Literal["select", "prune", "average"] = "select"
@@ -78,6 +80,7 @@ class InitStudentConfig(Strict):
     every_k: int | None = Field(None, ge=1)
     width: WidthConfig | None = None
     data: CalibrationData
+    vocab: VocabConfig | None = Field(None, description="classifiers: keep only the domain's tokens (models/vocab_trim.py)")
     quantize: Literal["none", "int8"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
@@ -86,6 +89,8 @@ class InitStudentConfig(Strict):
     def _consistent(self) -> "InitStudentConfig":
         if self.teacher.model is None:
             raise ValueError("teacher.model is required (a hub id or a local folder)")
+        if self.vocab is not None and self.task != "sequence_classification":
+            raise ValueError("vocabulary trimming (vocab) is for encoder classifiers: set task: sequence_classification")
         if self.method == "prune" and self.width is None:
             raise ValueError("method 'prune' needs a width section (heads_keep / mlp_keep / hidden_keep)")
         if self.method != "prune" and self.width is not None:
@@ -249,6 +254,9 @@ def init_student(config: InitStudentConfig, overwrite: bool = False) -> dict:
     from alambic.models import freeze, load_model, load_tokenizer
     from alambic.models.quantize import state_bytes
 
+    refuse_mismatched_task(config.task, config.teacher.model)  # never load a classifier as an LM
+    if config.task == "sequence_classification":
+        return init_encoder_student(config, overwrite)
     output = _check_output(config, overwrite)
     device = _device(config.device)
     tokenizer = load_tokenizer(config.teacher, role="teacher")

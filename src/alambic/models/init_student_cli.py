@@ -19,9 +19,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a student from the teacher (layer selection, width pruning, averaging) and report it."""
         from alambic.config import load_config
+        from alambic.models.encoder_init import print_encoder_report
         from alambic.models.init_student import InitStudentConfig, init_student, print_report
 
         resolved = load_config(config, overrides or [], InitStudentConfig)
         report = init_student(resolved, overwrite=overwrite)
-        print_report(report)
+        (print_encoder_report if report.get("task") == "sequence_classification" else print_report)(report)
         typer.echo(f"student saved to {report['output_dir']} (report: init_report.json)")

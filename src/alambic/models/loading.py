@@ -68,6 +68,19 @@ def _hub_error(name: str, role: str, err: Exception) -> ModelError:
     )
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load reports (weight-loading bars, newly initialised heads): alambic says what matters.
+
+    ALAMBIC_HF_VERBOSE=1 keeps them, for debugging a checkpoint.
+    """
+    if os.environ.get("ALAMBIC_HF_VERBOSE", "0") in ("1", "true", "yes"):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(model_cfg: ModelConfig, role: str = "student"):
     from transformers import AutoTokenizer
 
@@ -97,6 +110,7 @@ def load_model(model_cfg: ModelConfig, task: str, role: str, empty: bool = False
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    quiet_transformers()
     source = resolve_model_source(model_cfg.model, role)
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     kwargs = {"dtype": DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}

@@ -95,3 +95,15 @@ class CachedTeacher:
             tail_logmass=torch.from_numpy(arrays["tail_logmass"]).to(device, non_blocking=True),
             temperature=self.temperature,
         )
+
+
+def open_cache(folder, task: str = "causal_lm", verify: str = "lazy"):
+    """The teacher source of a cache folder: a classifier's whole class logits, or a top-k token cache."""
+    from alambic.cache.class_logits import ClassLogitTeacher, is_class_logit_cache
+
+    if task == "sequence_classification" or is_class_logit_cache(folder):
+        if task != "sequence_classification":
+            raise ConfigError(f"{folder} caches a classifier's class logits; this run's task is {task}",
+                              "point teacher.cache at a token logit cache made for this task")
+        return ClassLogitTeacher(folder)
+    return CachedTeacher(folder, verify=verify)

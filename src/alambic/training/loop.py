@@ -24,6 +24,7 @@ from alambic.compat import check_compatible
 from alambic.config import DistillConfig
 from alambic.output import describe_config
 from alambic.data import build_datasets, collate
+from alambic.data.transfer import drop_unlabelled_without_teacher
 from alambic.evaluate.heldout import evaluate
 from alambic.training.batches import BatchPlan
 from alambic.training.distributed import check_launcher, make_strategy
@@ -84,6 +85,7 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
     train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
     check_class_labels(config, student, train_data, eval_data)  # before anything is written (preflight.py)
     teacher = setup.bind_teacher(train_data)
+    train_data = drop_unlabelled_without_teacher(train_data, teacher, print if is_main else (lambda _: None))
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
     if is_main:
         create_run_dir(config, overwrite and checkpoint is None)
@@ -102,7 +104,8 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
         accelerator.init_trackers("alambic", config=_flat(config.model_dump(mode="json")))
 
     plan = BatchPlan(len(train_data), config.train.batch_size, accelerator.num_processes, config.train.grad_accum, config.train.seed)
-    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main)
+    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main,
+                                task=config.task)
     pad_id = tokenizer.pad_token_id
     last_eval: dict = {}
     guard = NonFiniteGuard(config.train.nonfinite_skips, run_dir, accelerator)
@@ -143,6 +146,8 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
             hook(strategy.unwrap(student), step)
 
         record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
+        if teacher is None and not totals["kd"]:  # supervised: there is no KD term to log
+            record.pop("kd")
         if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
             last_eval = evaluate(
                 strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,

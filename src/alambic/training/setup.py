@@ -15,6 +15,7 @@ from alambic.errors import ModelError
 from alambic.models import check_tokenizers_compatible, freeze, load_model, load_tokenizer
 from alambic.models.module import StudentModule
 from alambic.teachers.live import LiveTeacher
+from alambic.teachers.vocab_map import teacher_for_student
 from alambic.training.modes import TeacherChoice, choose_teacher, configure_modes
 
 
@@ -70,15 +71,18 @@ def _student_model(config: DistillConfig, teacher_model, device=None):
     return load_model(config.student, config.task, role="student", empty=_empty(device))
 
 
-def _config_teacher(config: DistillConfig, teacher_model, vocab_size, tokenizer) -> TeacherChoice:
+def _config_teacher(config: DistillConfig, teacher_model, vocab_size, tokenizer, teacher_tokenizer=None) -> TeacherChoice:
     """The teacher of the config's own sections, when no mode brings one."""
     teacher_cfg = config.teacher
     if teacher_model is not None:
-        return TeacherChoice(LiveTeacher(teacher_model, vocab_size), teacher_cfg.model, True, teacher_model)
+        live = LiveTeacher(teacher_model, vocab_size)
+        if config.task == "sequence_classification":  # a trimmed-vocabulary student: the teacher reads its own ids
+            live = teacher_for_student(live, teacher_tokenizer, tokenizer, config.student.model)
+        return TeacherChoice(live, teacher_cfg.model, True, teacher_model)
     if teacher_cfg is not None and teacher_cfg.cache is not None:
-        from alambic.teachers.cached import CachedTeacher
+        from alambic.teachers.cached import open_cache  # a token top-k cache, or a classifier's class logits
 
-        return TeacherChoice(CachedTeacher(teacher_cfg.cache, verify="all"), f"logit cache {teacher_cfg.cache}", False)
+        return TeacherChoice(open_cache(teacher_cfg.cache, config.task, verify="all"), f"logit cache {teacher_cfg.cache}", False)
     if teacher_cfg is not None and teacher_cfg.server is not None:  # never loaded here: asked over HTTP
         from alambic.teachers.served import ServedTeacher
 
@@ -118,7 +122,7 @@ def build_models(config: DistillConfig, device, mode_order=None) -> RunSetup:
     setup.teacher_model, setup.teacher_tokenizer = teacher_model, teacher_tokenizer
     setup.vocab_size, setup.device = vocab_size, device
     setup.use_teacher(choose_teacher(setup, config, mode_order) or _config_teacher(config, teacher_model, vocab_size,
-                                                                                   tokenizer))
+                                                                                   tokenizer, teacher_tokenizer))
     if hasattr(setup.teacher, "finish"):  # e.g. a served teacher completes its streamed cache, writes its statistics
         setup.after_train.append(setup.teacher.finish)
     configure_modes(setup, config, mode_order)  # terms, rollouts, hooks

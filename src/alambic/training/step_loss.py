@@ -27,6 +27,7 @@ from alambic.data import IGNORE
 from alambic.losses import per_token_distillation_loss
 from alambic.losses.fused import fused_distillation_loss
 from alambic.losses.options import LossOptions
+from alambic.losses.targets import hard_target_loss, sparse_hard_labels, teacher_hard_labels, without_gold
 from alambic.losses.sparse import fused_sparse_distillation_loss, sparse_per_token_distillation_loss
 from alambic.models.module import student_module
 from alambic.teachers.base import SignalRequest, TeacherSignal, WeightedSignal
@@ -72,14 +73,23 @@ def use_fused_path(loss_cfg: LossConfig, student, task: str, batch: dict) -> boo
         and task == "causal_lm"
         and "weight" not in batch
         and "token_weight" not in batch
+        and "has_label" not in batch  # unlabelled rows: the plain path drops their CE (losses/targets.py)
+        and target_kind(loss_cfg) == "soft"
         and student.supports_fused_head()
     )
 
 
-def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options: LossOptions, mask=None) -> dict:
+def target_kind(loss_cfg) -> str:
+    """soft: the teacher's distribution; hard: its argmax as a label (loss.teacher_targets)."""
+    return getattr(loss_cfg, "teacher_targets", "soft")
+
+
+def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options: LossOptions, mask=None,
+                   targets: str = "soft") -> dict:
     """Per-position {"loss", "kd", "ce"} of aligned student logits against any kind of signal.
 
-    Positions outside `mask` are never read (a NaN there cannot reach the sums or gradients)."""
+    Positions outside `mask` are never read (a NaN there cannot reach the sums or gradients).
+    targets="hard": the teacher term is the CE against the teacher's argmax (losses/targets.py)."""
     if signal is None:
         return per_token_distillation_loss(student_logits, None, labels, mask=mask, **options.kwargs())
     if signal.components is not None:  # several teachers: the weighted sum of each one's loss
@@ -87,9 +97,11 @@ def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options
         for part in signal.components:
             if not bool(part.weight.any()):
                 continue  # no position of this batch is given to this teacher
-            for name, values in per_token_loss(student_logits, part.signal, labels, options, mask).items():
+            for name, values in per_token_loss(student_logits, part.signal, labels, options, mask, targets).items():
                 total[name] = total.get(name, 0.0) + part.weight * values
         return total
+    if targets == "hard":
+        return hard_target_loss(student_logits, labels, _teacher_argmax(signal), options.alpha)
     if signal.topk_ids is not None:
         options.check_signal_temperature(signal.temperature)
         return sparse_per_token_distillation_loss(
@@ -97,6 +109,14 @@ def per_token_loss(student_logits, signal: TeacherSignal | None, labels, options
             kd_mask=signal.extras.get("kd_mask"), mask=mask, **options.kwargs(),
         )
     return per_token_distillation_loss(student_logits, signal.full_logits(), labels, mask=mask, **options.kwargs())
+
+
+def _teacher_argmax(signal: TeacherSignal) -> torch.Tensor:
+    if signal.topk_ids is None:
+        return teacher_hard_labels(signal.full_logits())
+    ids = sparse_hard_labels(signal.topk_ids, signal.topk_logprobs)
+    kd_mask = signal.extras.get("kd_mask")  # positions without a stored teacher distribution learn the label alone
+    return ids if kd_mask is None else torch.where(kd_mask.bool(), ids, torch.full_like(ids, IGNORE))
 
 
 def shift_signal(signal: TeacherSignal) -> TeacherSignal:
@@ -142,7 +162,11 @@ def causal_lm_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig, fus
         token_weight = batch["token_weight"][:, 1:]
         weight = token_weight if weight is None else weight * token_weight
     shifted = shift_signal(signal) if signal is not None else None
-    per_token = per_token_loss(outputs["logits"][:, :-1], shifted, labels, options, mask)
+    per_token = per_token_loss(outputs["logits"][:, :-1], shifted, labels, options, mask, target_kind(loss_cfg))
+    if signal is not None:  # rows of an unlabelled pool (data.unlabelled) learn the teacher term alone
+        per_token = without_gold(per_token, batch.get("has_label"))
+    elif "has_label" in batch:
+        mask = mask & batch["has_label"][:, None]
     return _sums(per_token, mask, weight), step
 
 
@@ -180,10 +204,13 @@ def classification_loss_sums(student, batch: dict, teacher, loss_cfg: LossConfig
     options = LossOptions.from_config(loss_cfg)
     signal = teacher(batch, _signal_request(needs, False)) if teacher is not None else None
     outputs = student(batch["input_ids"], batch["attention_mask"], **_student_layer_outputs(needs))
-    per_example = per_token_loss(outputs["logits"], signal, batch["labels"], options)
-    mask = torch.ones_like(batch["labels"], dtype=torch.bool)
+    per_example = per_token_loss(outputs["logits"], signal, batch["labels"], options, targets=target_kind(loss_cfg))
     step = StepOutputs(student, batch, outputs, signal, options, "sequence_classification")
-    return _sums(per_example, mask, batch.get("weight")), step
+    has_label = batch["labels"] != IGNORE  # unlabelled rows (a transfer set) learn the teacher term alone
+    if signal is None:
+        return _sums(per_example, has_label, batch.get("weight")), step
+    per_example = without_gold(per_example, has_label)
+    return _sums(per_example, torch.ones_like(has_label), batch.get("weight")), step
 
 
 def loss_positions(batch: dict, task: str) -> int:
