@@ -8,9 +8,12 @@ its own subprocess so its peak memory is its own:
            same chunk size (benchmark-only dependency: pip install liger-kernel)
 - fused:   alambic.losses.fused.fused_distillation_loss, eager
 - fused-compiled: the same with compile=True
+- fused-fp32: the same with fp32_matmul=True (bf16 heads upcast to fp32 GEMMs,
+           the path before bf16 GEMMs; identical to fused for fp32 inputs)
 - floor:   the same chunked matmuls with no loss (student logits, teacher
            logits, grad of hidden, grad of weight) into buffers allocated once,
-           in the fused path's compute dtype (fp32): the 4-GEMM floor
+           in the fused path's GEMM dtype (the inputs' dtype: bf16 on GPU,
+           fp32 on CPU unless --dtype): the 4-GEMM floor
 Timings: median of --repeats steps after one warm-up step. The machine is shared,
 so each worker also times a floor step after each of its own steps; "norm"
 columns divide by that in-process floor, which cancels most load drift between
@@ -21,7 +24,8 @@ subprocesses. Peak memory: extra resident memory of one step (see _common.py).
     .venv/bin/python benchmarks/kd_loss.py --rows 1024 --vocab 32000 --impls naive fused floor
     .venv/bin/python benchmarks/kd_loss.py --shapes 1024x32000 4096x32000 1024x128256 --repeats 3
     .venv/bin/python benchmarks/kd_loss.py --threads 2 --shapes 1024x32000 1024x128256 --impls fused floor  # issue 11 target
-    python benchmarks/kd_loss.py --device cuda      # GPU: N=8192, H=4096, bf16 inputs, naive/liger/fused/floor, < 3 min
+    python benchmarks/kd_loss.py --device cuda      # GPU: N=8192, H=4096, bf16 inputs, naive/liger/fused/fused-fp32/floor
+    .venv/bin/python benchmarks/kd_loss.py --quick --dtype bfloat16 --impls naive fused fused-fp32 floor  # bf16 on CPU
 
 Headline: raw median seconds ("time s"), with the worker threads printed; "norm"
 divides by the floor timed in the same worker. Target (issue 11): fused eager
@@ -46,8 +50,8 @@ from _common import (  # noqa: E402
     run_in_subprocess,
 )
 
-IMPLEMENTATIONS = ("naive", "liger", "fused", "fused-compiled", "floor")
-GPU_IMPLEMENTATIONS = ["naive", "liger", "fused", "floor"]
+IMPLEMENTATIONS = ("naive", "liger", "fused", "fused-compiled", "fused-fp32", "floor")
+GPU_IMPLEMENTATIONS = ["naive", "liger", "fused", "fused-fp32", "floor"]
 # Resident bytes of the naive step per logit, measured: ~13 fp32 [N, V] tensors live at once.
 NAIVE_BYTES_PER_LOGIT = 4 * 14
 
@@ -76,10 +80,11 @@ def _inputs(config: dict):
 
 def _floor_step(inputs: dict, chunk: int):
     """The four GEMMs of the fused loss, into buffers allocated once, in the fused path's
-    compute dtype (fp32 logits, also for bf16 inputs): nothing does less work."""
+    GEMM dtype (the inputs' own dtype: bf16 inputs, bf16 tensor-core GEMMs with fp32
+    accumulation): nothing does less work."""
     import torch
 
-    compute = torch.float64 if inputs["hidden"].dtype == torch.float64 else torch.float32
+    compute = inputs["hidden"].dtype
     hidden, weight = inputs["hidden"].detach().to(compute), inputs["weight"].detach().to(compute)
     teacher_hidden, teacher_weight = inputs["teacher_hidden"].to(compute), inputs["teacher_weight"].to(compute)
     rows, vocab = hidden.shape[0], weight.shape[0]
@@ -136,7 +141,7 @@ def _loss_step(impl: str, inputs: dict, config: dict):
             return fused_distillation_loss(
                 hidden, weight, None, labels, None, teacher_hidden=teacher_hidden,
                 teacher_head_weight=teacher_weight, chunk_size=config["chunk"],
-                compile=impl == "fused-compiled", reduction="mean", **options,
+                compile=impl == "fused-compiled", reduction="mean", fp32_matmul=impl == "fused-fp32", **options,
             )["loss"]
 
     def step():
@@ -282,6 +287,9 @@ def _checks(results: _Results, shape, impl: str) -> list[tuple[str, float | None
     if shape[0] >= 4096 and shape[1] <= 32000:
         saving = _ratio(results.get(shape, "naive", "memory_mb"), results.get(shape, impl, "memory_mb"))
         checks.append(("memory >= 25x below naive", saving, saving is not None and saving >= 25))
+    if impl == "fused" and results.entries.get((shape, "fused-fp32")):
+        gemm = _ratio(results.normalised(shape, "fused"), results.normalised(shape, "fused-fp32"))
+        checks.append(("time vs fused-fp32 (normalised; < 1 = bf16 GEMMs pay)", gemm, gemm is not None and gemm < 1.0))
     if impl == "fused":
         eager = _ratio(results.normalised(shape, "fused"), results.normalised(shape, "fused-compiled"))
         checks.append(("eager <= 1.3x compiled (normalised)", eager, eager is not None and eager <= 1.3))
@@ -313,7 +321,7 @@ def _parse_args(argv):
     parser.add_argument("--hidden", type=int, help="hidden size H of student and teacher (default 512; GPU 4096)")
     parser.add_argument("--chunk", type=int, default=256, help="token chunk of fused, liger and floor")
     parser.add_argument("--impls", nargs="+", default=None, choices=IMPLEMENTATIONS,
-                        help="default: all on CPU; on GPU all but fused-compiled (its compile time)")
+                        help="default: all on CPU (fused-fp32 only for --dtype bfloat16/float16); on GPU all but fused-compiled")
     parser.add_argument("--objective", default="jsd")
     parser.add_argument("--alpha", type=float, default=0.5, help="CE weight (Liger's weight_hard_loss)")
     parser.add_argument("--beta", type=float, default=0.5)
@@ -322,6 +330,8 @@ def _parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="one small shape: N=512, H=256, V=8192, 3 repeats")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in every worker (default: torch's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of hidden states and head weights (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -332,7 +342,10 @@ def _run_grid(args) -> tuple[list, dict, bool]:
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     rows = args.rows or ([512] if args.quick else [8192] if gpu else [1024, 4096])
     vocabs = args.vocab or ([8192] if args.quick else [32000, 128256])
-    impls = args.impls or (GPU_IMPLEMENTATIONS if gpu else list(IMPLEMENTATIONS))
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    # fused-fp32 is the fused path itself for fp32 inputs: run by default only where it differs.
+    cpu_default = [impl for impl in IMPLEMENTATIONS if impl != "fused-fp32" or dtype != "float32"]
+    impls = args.impls or (GPU_IMPLEMENTATIONS if gpu else cpu_default)
     hidden = args.hidden or (256 if args.quick else 4096 if gpu else 512)
     repeats = 3 if args.quick and args.repeats == 5 else args.repeats
     shapes = [(n, v) for v in vocabs for n in rows]
@@ -344,7 +357,7 @@ def _run_grid(args) -> tuple[list, dict, bool]:
             config = {
                 "impl": impl, "rows": shape[0], "vocab": shape[1], "hidden": hidden, "chunk": args.chunk,
                 "objective": args.objective, "alpha": args.alpha, "beta": args.beta, "repeats": repeats,
-                "device": "cuda" if gpu else "cpu", "dtype": "bfloat16" if gpu else "float32",
+                "device": "cuda" if gpu else "cpu", "dtype": dtype,
                 "threads": args.threads,
             }
             reason = _skip_reason(impl, config)

@@ -70,7 +70,7 @@ def run(name: str, mapping: dict, processes: int, folder: Path) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(mapping))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])), "MALLOC_MMAP_THRESHOLD_": "131072"}
     if mapping["train"]["cpu"]:
         env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable] if processes == 1 else [

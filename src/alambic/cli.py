@@ -96,8 +96,6 @@ def _click_classes() -> tuple[tuple, tuple]:
 
 
 def _report(err: AlambicError) -> None:
-    from rich.markup import escape
-
     from alambic.redact import redact_text
 
     err_console.print(f"[bold red]error:[/] {escape(redact_text(err.message))}", highlight=False)

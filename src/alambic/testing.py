@@ -105,11 +105,18 @@ def describe_tiny_setup(setup: dict) -> str:
     ])
 
 
+def build_extras(folder: Path, progress: bool = False) -> str:
+    """What `python -m alambic.testing DIR` adds to build_tiny_setup (the doc test builds the same)."""
+    from alambic.testing_classify import build_tiny_classifier
+
+    teacher = build_tiny_classifier(Path(folder) / "classify", progress=progress)["teacher"]
+    return f"  classify {teacher} (BERT classifier teacher; configs/classify_transfer.yaml)"
+
+
 if __name__ == "__main__":
     from alambic import output
-    from alambic.testing_classify import build_tiny_classifier
 
     output.configure(output.pop_verbose(sys.argv))
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
     print(describe_tiny_setup(build_tiny_setup(folder, progress=True)))
-    print(build_tiny_classifier(folder / "classify", progress=True)["teacher"])  # configs/classify_transfer.yaml
+    print(build_extras(folder, progress=True))

@@ -6,9 +6,10 @@ The convention (also in docs/doc-tests.md; keep the two in step):
   `#   <command>` (a hash, exactly three spaces, then text) is a command. A line
   ending in `\\` continues on the next comment line. Prose lines use one space.
   The commands of one file form one chain, run in order.
-* Markdown (README.md, docs/*.md): every ```bash fenced block is a chain; its
-  non-comment lines are the commands. Put `<!-- doc-test: skip REASON -->` on
-  the line(s) just before the fence to leave a whole block out (say why).
+* Markdown (README.md, docs/*.md): the non-comment lines of every ```bash
+  fenced block are commands; the blocks of one file form one chain, in order.
+  Put `<!-- doc-test: skip REASON -->` on the line just before a fence to leave
+  that block out (say why).
 * A command's trailing comment may hold `needs: WHAT` (a GPU, a hub download, a
   server, an API key...): the line is shown as skipped with that reason and the
   chain goes on. Lines after it that use its output need their own `needs:`.
@@ -83,7 +84,6 @@ class Command:
 class Chain:
     name: str
     commands: list[Command] = field(default_factory=list)
-    skip: str | None = None  # the whole chain is left out, and why
 
 
 def split_comment(line: str) -> tuple[str, str]:
@@ -138,21 +138,20 @@ def header_chain(path: Path) -> Chain:
 
 
 def markdown_chains(path: Path) -> list[Chain]:
-    """One chain per ```bash block; `<!-- doc-test: skip REASON -->` just before the fence leaves it out."""
+    """The ```bash blocks of one doc, in order, as one chain (a doc is read top to bottom, so a block
+    may use what an earlier one made). `<!-- doc-test: skip REASON -->` just before a fence leaves
+    that block out: its lines are listed as skipped with REASON."""
     lines = path.read_text(encoding="utf-8").splitlines()
     name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
-    chains, index = [], 0
+    chain, index = Chain(name), 0
     while index < len(lines):
         if lines[index].strip() != "```bash":
             index += 1
             continue
-        chain = Chain(f"{name}:{index + 1}")
         back = index - 1
         while back >= 0 and not lines[back].strip():
             back -= 1
         marker = re.match(r"<!--\s*doc-test:\s*skip\s*(.*?)\s*-->", lines[back].strip()) if back >= 0 else None
-        if marker:
-            chain.skip = marker.group(1) or "marked doc-test: skip"
         body = []
         index += 1
         while index < len(lines) and lines[index].strip() != "```":
@@ -161,10 +160,12 @@ def markdown_chains(path: Path) -> list[Chain]:
                 body.append((index + 1, stripped))
             index += 1
         for number, text in _join_continuations(body):
-            chain.commands.append(make_command(text, f"{name}:{number}"))
-        chains.append(chain)
+            command = make_command(text, f"{name}:{number}")
+            if marker:
+                command.needs = command.needs or marker.group(1) or "a block marked doc-test: skip"
+            chain.commands.append(command)
         index += 1
-    return chains
+    return [chain] if chain.commands else []
 
 
 def all_chains(repo: Path = REPO) -> list[Chain]:

@@ -32,12 +32,13 @@ def test_markdown_blocks_and_block_skip(tmp_path):
         "<!-- doc-test: skip needs the whole internet -->\n```bash\nmake everything\n```\n\n"
         "```\nalambic not-a-bash-block\n```\n"
     )
-    first, second = markdown_chains(doc)
-    assert [c.text for c in first.commands] == ["alambic validate configs/tiny_kd.yaml",
-                                                "python -m some.server --port 8123 &"]
-    assert split_background(first.commands[1].text) == ("python -m some.server --port 8123", True)
+    (chain,) = markdown_chains(doc)  # one chain per file, blocks in order
+    assert chain.name.endswith("doc.md")
+    assert [c.text for c in chain.commands] == ["alambic validate configs/tiny_kd.yaml",
+                                                "python -m some.server --port 8123 &", "make everything"]
+    assert split_background(chain.commands[1].text) == ("python -m some.server --port 8123", True)
     assert split_background("a && b") == ("a && b", False)
-    assert first.skip is None and second.skip == "needs the whole internet"
+    assert [c.needs for c in chain.commands] == [None, None, "needs the whole internet"]
 
 
 def test_short_run_keys_follow_the_schema(monkeypatch):

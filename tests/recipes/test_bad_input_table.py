@@ -149,7 +149,8 @@ CASES = [
     ("distill-nan-alpha", ["distill", "{kd}", "loss.alpha=.nan"], ["loss.alpha", "finite"]),
     ("validate-inf-lr", ["validate", "{kd}", "train.lr=.inf"], ["train.lr", "finite"]),
     ("init-nan", ["init-student", "{init}", "data.calibration_samples=.nan"], ["calibration_samples"]),
-    ("demo-bogus-objective", ["demo", "--quick", "objective=bogus", "output_dir={run}"], ["unknown objective"]),
+    ("demo-bogus-objective", ["demo", "--task", "lm", "--quick", "objective=bogus", "output_dir={run}"],
+     ["unknown objective"]),
     ("demo-student-layer-99", ["demo", "--quick", "student_layers=[99]", "output_dir={run}"], ["student_layers"]),
     ("demo-inf-temperature", ["demo", "--quick", "temperature=.inf", "output_dir={run}"], ["temperature", "finite"]),
     # 3. errors found only when the work starts leave nothing behind either
@@ -171,8 +172,8 @@ def _fill(arg: str, world: dict) -> str:
     return arg.format(**{key: str(value) for key, value in world.items()})
 
 
-# Fixed by another helper's branch (issue 16 items 3-5); unmarked once it is merged.
-XFAIL = {"generate-url-not-a-url": "issue 16 helper"}
+# Rows fixed on another branch not merged yet: {id: reason}. Empty since issue 16's fixes landed.
+XFAIL: dict[str, str] = {}
 PARAMS = [pytest.param(*case, id=case[0], marks=[pytest.mark.xfail(reason=XFAIL[case[0]], strict=True)]
                        if case[0] in XFAIL else []) for case in CASES]
 

@@ -208,3 +208,16 @@ def test_each_loss_path_under_fsdp_equals_the_plain_path(path, tiny_setup, tmp_p
     for a, b in zip(sharded.history, plain.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     _assert_same_weights(_final(sharded.output_dir), _final(plain.output_dir))
+
+
+def test_a_checkpoint_of_the_other_strategy_is_refused(tiny_setup, tmp_path):
+    from alambic.errors import ConfigError
+
+    mapping = kd_config(tiny_setup, tmp_path / "run", max_steps=2, batch_size=4, eval_every=0, save_every=1)
+    mapping["train"]["strategy"] = "ddp"
+    run_distillation(DistillConfig.model_validate(mapping))
+    (tmp_path / "run" / "final").rename(tmp_path / "final-ddp")
+    mapping["train"]["strategy"] = "fsdp"
+    with pytest.raises(ConfigError, match="train.strategy=ddp"):
+        run_distillation(DistillConfig.model_validate(mapping), resume=True)
+    assert not torch.distributed.is_initialized()

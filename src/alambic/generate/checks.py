@@ -7,30 +7,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from alambic.errors import AlambicError, ConfigError
+from alambic.generate.url_check import check_base_url  # noqa: F401  (re-exported)
 
 LOGPROB_BACKENDS = ("vLLM's server (vllm serve MODEL)", "the OpenAI API", "the local `hf` backend (teacher.backend: hf)")
-
-
-def check_base_url(value: str | None) -> str | None:
-    """`http://host[:port]/path` or `https://...`; anything else cannot be a server address."""
-    if value is None:
-        return value
-    try:
-        parts = urlsplit(value.strip())
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        parts, port_ok = None, False
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        shown = value if "@" not in value else "<url with credentials>"
-        raise ValueError(
-            f"base_url {shown!r} is not an http(s) URL with a host; write it like http://127.0.0.1:8000/v1 "
-            "or https://api.openai.com/v1"
-        )
-    return value.strip()
 
 
 def require_logprobs(replies, params: dict, backend_label: str) -> None:
@@ -66,23 +47,6 @@ def check_not_all_failed(stats, retry_failed: bool) -> None:
             f"every request failed in an earlier run ({stats.skipped_failed} of {needed}) and none was sent again",
             "fix the cause, then rerun with --retry-failed",
         )
-
-
-def preflight(config) -> None:
-    """What can be checked about the teacher before anything is written (no model is loaded)."""
-    teacher = config.teacher
-    if teacher.backend == "hf":
-        import torch
-
-        from alambic.models.loading import _hub_error, _is_offline, resolve_model_source
-
-        resolve_device(teacher.device, torch)
-        source = resolve_model_source(teacher.model, "teacher")  # a missing local folder, named as such
-        if source == teacher.model and not Path(source).exists() and _is_offline():
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-                raise _hub_error(source, "teacher", OSError("not in the local cache"))
 
 
 def resolve_device(choice: str, torch) -> str:

@@ -54,7 +54,7 @@ class TeacherBackendConfig(Strict):
     @field_validator("base_url")
     @classmethod
     def _url_shape(cls, value: str | None) -> str | None:
-        from alambic.generate.checks import check_base_url
+        from alambic.generate.url_check import check_base_url
 
         return check_base_url(value)
 

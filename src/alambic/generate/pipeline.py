@@ -23,7 +23,7 @@ from alambic.generate.backends import make_backend
 from alambic.generate.backends.base import TeacherRequest
 from alambic.generate.backends.openai_backend import read_api_key
 from alambic.generate.cache import RequestCache, request_key
-from alambic.generate.checks import preflight
+from alambic.generate.preflight import preflight
 from alambic.generate.config import GenerateConfig
 from alambic.generate.filters import Example, ExampleFilter
 from alambic.generate.inputs import read_table, require_columns

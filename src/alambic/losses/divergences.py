@@ -129,26 +129,24 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.where(torch.isneginf(logits), logits, torch.tanh(logits / cap) * cap)
 
 
-def _excluded_columns(
+def excluded_columns(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Columns where the teacher logit is -inf, and positions where every column is (dead).
+    """(student, teacher, excluded, dead): columns where the teacher logit is -inf, and
+    positions where every column is (dead; None when there are none).
 
-    Dead positions get zero logits on both sides (their value is zeroed by the
-    caller); excluded columns are -inf in the student too, so its softmax is
-    renormalised over the teacher's real columns.
+    Dead positions get zero logits on both sides (their value is zeroed by the caller);
+    the caller removes the excluded columns from the student's softmax too (the plain
+    path with -inf, the fused kernel with the dtype's lowest value).
     """
     excluded = torch.isneginf(teacher_logits)
     if not bool(excluded.any()):
         return student_logits, teacher_logits, None, None
     dead = excluded.all(-1, keepdim=True)
-    if bool(dead.any()):
-        excluded = excluded & ~dead
-        teacher_logits = torch.where(dead, 0.0, teacher_logits)
-        student_logits = torch.where(dead, 0.0, student_logits)
-    else:
-        dead = None
-    return student_logits.masked_fill(excluded, float("-inf")), teacher_logits, excluded, dead
+    if not bool(dead.any()):
+        return student_logits, teacher_logits, excluded, None
+    excluded = excluded & ~dead
+    return torch.where(dead, 0.0, student_logits), torch.where(dead, 0.0, teacher_logits), excluded, dead
 
 
 def token_divergence(
@@ -179,7 +177,9 @@ def token_divergence(
         student_logits, teacher_logits = restrict_to_teacher_top_k(
             student_logits, teacher_logits, top_k
         )
-    student_logits, teacher_logits, excluded, dead = _excluded_columns(student_logits, teacher_logits)
+    student_logits, teacher_logits, excluded, dead = excluded_columns(student_logits, teacher_logits)
+    if excluded is not None:
+        student_logits = student_logits.masked_fill(excluded, float("-inf"))
     if objective == "cosine":
         if excluded is not None:
             student_logits = student_logits.masked_fill(excluded, 0.0)

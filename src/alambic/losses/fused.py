@@ -10,9 +10,18 @@ bias. The backward pass only rescales those stored gradients. The result is
 the plain path's `per_token_distillation_loss` on full logits, masked and
 summed (or averaged), for every objective.
 
-Logits and their gradients are computed in fp32 even for bf16 inputs: a bf16
-logit loses the small differences that the softmax gradients depend on. The
-returned gradients have the dtype of their inputs.
+Precision. fp32 and float64 inputs run every GEMM in that dtype (exact path).
+When a head's hidden states and weight are both bf16 (or both fp16), its GEMMs
+run in that dtype on tensor cores with fp32 accumulation, as the plain bf16
+path and Liger do: logits come out of the GEMM in bf16 and are cast into an fp32
+buffer for the softmax / divergence math, and the fp32 logit gradient is cast
+back to bf16 for the two gradient GEMMs. No fp32 copy of a head weight is made;
+the weight gradient is accumulated in the weight's dtype (one bf16 rounding per
+chunk, as Liger's default) because an fp32 accumulator of a 128k x 4096 head
+costs 2.1 GB. `fp32_matmul=True` keeps the older behaviour (weights upcast
+once, fp32 GEMMs, fp32 accumulators): slower, a little more exact.
+tests/unit/test_fused_low_precision.py states the tolerances. The returned
+gradients have the dtype of their inputs.
 
     .venv/bin/python -c "import torch; from alambic.losses.fused import fused_distillation_loss as f; \
 h = torch.randn(8, 4, requires_grad=True); w = torch.randn(16, 4, requires_grad=True); \
@@ -25,8 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alambic.errors import ConfigError, DataError, ModelError
-from alambic.losses.checks import check_loss_parameters
+from alambic.losses.fused_checks import check_labels, check_options, check_shapes
 from alambic.losses.divergences import softcap
 from alambic.losses.fused_kernels import (
     IGNORE_INDEX,
@@ -62,6 +70,7 @@ class _Plan:
     student_transform: LogitTransform = IDENTITY  # the model's own transform, then loss.logit_softcap
     teacher_transform: LogitTransform = IDENTITY  # for teacher head logits (dense ones are as given)
     logit_softcap: float | None = None  # applied to dense teacher logits
+    fp32_matmul: bool = False  # bf16/fp16 heads: upcast and run the GEMMs in fp32 (the pre-2026-12 path)
 
 
 def _select(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -78,6 +87,16 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _gemm_dtype(hidden: torch.Tensor | None, weight: torch.Tensor | None, compute: torch.dtype, exact: bool):
+    """The GEMM dtype of one head: its inputs' own bf16/fp16 when both share it, else `compute`."""
+    if exact or compute != torch.float32 or hidden is None or weight is None:
+        return compute
+    return hidden.dtype if hidden.dtype == weight.dtype and hidden.dtype in LOW_PRECISION else compute
+
+
 def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     if bias is None:
         return torch.matmul(hidden, weight.t(), out=out)
@@ -85,19 +104,38 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class _Head:
-    """One LM head cast once to the compute dtype, projecting into a reused buffer."""
+    """One LM head projecting into a reused `compute` buffer.
 
-    def __init__(self, weight, bias, compute: torch.dtype, chunk_rows: int):
-        self.weight = weight.detach().to(compute)
+    Exact path (gemm == compute): the weight is cast once to the compute dtype.
+    Low-precision path (gemm bf16/fp16): the weight is used as it is (no copy), the
+    GEMM writes a gemm-dtype buffer that is cast into the compute buffer, and the
+    (small) bias is added there in the compute dtype.
+    """
+
+    def __init__(self, weight, bias, compute: torch.dtype, chunk_rows: int, gemm: torch.dtype | None = None):
+        self.gemm = compute if gemm is None else gemm
+        self.low = self.gemm != compute
+        self.weight = weight.detach().to(self.gemm)
         self.bias = None if bias is None else bias.detach().to(compute)
         self.buffer = torch.empty(chunk_rows, weight.shape[0], dtype=compute, device=weight.device)
+        self.low_buffer = torch.empty_like(self.buffer, dtype=self.gemm) if self.low else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _project(hidden, self.weight, self.bias, self.buffer[: hidden.shape[0]])
+        rows = hidden.shape[0]
+        if not self.low:
+            return _project(hidden, self.weight, self.bias, self.buffer[:rows])
+        low = torch.matmul(hidden.to(self.gemm), self.weight.t(), out=self.low_buffer[:rows])
+        logits = self.buffer[:rows].copy_(low)
+        return logits if self.bias is None else logits.add_(self.bias)
 
 
 class _GradientSums:
-    """Gradients of the student's hidden states, head weight and bias, chunk by chunk."""
+    """Gradients of the student's hidden states, head weight and bias, chunk by chunk.
+
+    Hidden and weight gradients live in the head's GEMM dtype (bf16 for bf16 inputs:
+    each hidden row is written once; the weight gradient takes one rounding per
+    chunk), the bias gradient in the compute dtype (it is only [vocab]).
+    """
 
     def __init__(self, plan: _Plan, head: _Head, needs_grad: tuple[bool, bool, bool]):
         vocab, width = head.weight.shape
@@ -112,10 +150,16 @@ class _GradientSums:
             # The first chunk writes the weight gradient instead of adding to zeros.
             self.weight = (torch.empty if plan.row_count > 0 else torch.zeros)(vocab, width, **options)
         if needs_grad[2]:
-            self.bias = torch.zeros(vocab, **options)
+            self.bias = torch.zeros(vocab, dtype=head.buffer.dtype, device=head.buffer.device)
 
     def add_chunk(self, start: int, stop: int, grad_logits: torch.Tensor, chunk_hidden: torch.Tensor) -> None:
         rows = self.plan.rows
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0)
+        if self.head.low:
+            # The fp32 logit gradient, rounded once to bf16 for the two tensor-core GEMMs.
+            grad_logits = self.head.low_buffer[: stop - start].copy_(grad_logits)
+            chunk_hidden = chunk_hidden.to(self.head.gemm)
         if self.hidden is not None and rows is None:
             torch.matmul(grad_logits, self.head.weight, out=self.hidden[start:stop])
         elif self.hidden is not None:
@@ -124,8 +168,6 @@ class _GradientSums:
             torch.matmul(grad_logits.t(), chunk_hidden, out=self.weight)
         elif self.weight is not None:
             self.weight.addmm_(grad_logits.t(), chunk_hidden)
-        if self.bias is not None:
-            self.bias += grad_logits.sum(0)
 
 
 def _compiled_chunk_loss_and_grad(logits, teacher_logits, labels, spec: LossSpec):
@@ -158,7 +200,7 @@ def _compiled_chunk_loss_and_grad(logits, teacher_logits, labels, spec: LossSpec
 def _chunk_teacher(plan: _Plan, teacher: _Head | None, start: int, stop: int, compute) -> torch.Tensor | None:
     """Teacher logits of counted rows start:stop, transformed as its model (and the loss) does."""
     if teacher is not None:
-        logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(compute))
+        logits = teacher.logits(_select(plan.teacher_hidden.detach(), plan.rows, start, stop).to(teacher.gemm))
         if not plan.teacher_transform.is_identity:
             plan.teacher_transform.apply_(logits, want_derivative=False)
         return logits
@@ -171,10 +213,11 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
     """KD and CE sums and the unscaled gradient sums over all counted rows."""
     compute = _compute_dtype(hidden, weight, plan.teacher_hidden, plan.teacher_weight)
     chunk = max(1, min(plan.chunk_size, plan.row_count))
-    student = _Head(weight, bias, compute, chunk)
+    student = _Head(weight, bias, compute, chunk, _gemm_dtype(hidden, weight, compute, plan.fp32_matmul))
     teacher = None
     if plan.teacher_weight is not None:
-        teacher = _Head(plan.teacher_weight, plan.teacher_bias, compute, chunk)
+        gemm = _gemm_dtype(plan.teacher_hidden, plan.teacher_weight, compute, plan.fp32_matmul)
+        teacher = _Head(plan.teacher_weight, plan.teacher_bias, compute, chunk, gemm)
     grads = _GradientSums(plan, student, needs_grad)
     chunk_math = _compiled_chunk_loss_and_grad if plan.compiled else eager_chunk_loss_and_grad
     kd_total = torch.zeros((), dtype=compute, device=hidden.device)
@@ -182,7 +225,7 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
     student_transform = None if plan.student_transform.is_identity else plan.student_transform
     for start in range(0, plan.row_count, chunk):
         stop = min(start + chunk, plan.row_count)
-        chunk_hidden = _select(hidden.detach(), plan.rows, start, stop).to(compute)
+        chunk_hidden = _select(hidden.detach(), plan.rows, start, stop).to(student.gemm)
         labels = None if plan.labels is None else plan.labels[start:stop]
         logits = student.logits(chunk_hidden)
         derivative = None if student_transform is None else student_transform.apply_(logits, want_derivative=True)
@@ -230,66 +273,10 @@ class _FusedHeadDistillation(torch.autograd.Function):
             if grad is None:
                 results.append(None)
                 continue
-            grad.mul_((grad_loss * ctx.scale).to(grad.dtype))
+            # The factor stays fp32 for bf16 gradients: a bf16 1 / count would bias every gradient.
+            grad.mul_((grad_loss * ctx.scale).to(torch.promote_types(grad.dtype, torch.float32)))
             results.append(grad.to(dtype))
         return results[0], results[1], results[2], None
-
-
-def _check_options(objective, temperature, reduction, chunk_size, top_k, alpha, beta, skew_alpha, logit_softcap) -> None:
-    check_loss_parameters(
-        "fused_distillation_loss", objective=objective, temperature=temperature, alpha=alpha, beta=beta,
-        skew_alpha=skew_alpha, top_k=top_k, logit_softcap=logit_softcap,
-    )
-    if reduction not in ("sum", "mean"):
-        raise ConfigError(
-            f"fused_distillation_loss: reduction must be 'sum' or 'mean', got {reduction!r}"
-        )
-    if chunk_size < 1:
-        raise ConfigError(f"fused_distillation_loss: chunk_size must be >= 1, got {chunk_size}")
-
-
-def _check_shapes(hidden, weight, bias, labels, mask, teacher_hidden, teacher_weight, teacher_bias, teacher_logits):
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ModelError(
-            f"student hidden states {tuple(hidden.shape)} do not match the head weight {tuple(weight.shape)}",
-            hint="pass hidden states as [tokens, hidden] and the LM head weight as [vocab, hidden]",
-        )
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ModelError(f"student head bias has shape {tuple(bias.shape)}, expected ({vocab},)")
-    for name, tensor in (("labels", labels), ("mask", mask)):
-        if tensor is not None and tuple(tensor.shape) != (rows,):
-            raise DataError(f"{name} has shape {tuple(tensor.shape)}, expected ({rows},) like the hidden states")
-    if teacher_logits is not None and (teacher_hidden is not None or teacher_weight is not None):
-        raise ConfigError(
-            "fused_distillation_loss: got teacher_logits and a teacher head at once",
-            hint="pass either teacher_logits or teacher_hidden with teacher_head_weight",
-        )
-    if (teacher_hidden is None) != (teacher_weight is None):
-        raise ConfigError(
-            "fused_distillation_loss: teacher_hidden and teacher_head_weight go together",
-            hint="pass both, or teacher_logits instead",
-        )
-    if teacher_weight is not None:
-        fits = teacher_hidden.dim() == 2 and teacher_hidden.shape[0] == rows
-        if not fits or teacher_hidden.shape[1] != teacher_weight.shape[1]:
-            raise ModelError(
-                f"teacher hidden states {tuple(teacher_hidden.shape)} do not fit {rows} tokens and the "
-                f"teacher head {tuple(teacher_weight.shape)}"
-            )
-        if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
-            raise ModelError(f"teacher head bias has shape {tuple(teacher_bias.shape)}")
-    teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else (
-        teacher_logits.shape[-1] if teacher_logits is not None else vocab
-    )
-    if teacher_logits is not None and tuple(teacher_logits.shape) != (rows, teacher_vocab):
-        raise ModelError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, expected ({rows}, vocab)")
-    if teacher_vocab != vocab:
-        raise ModelError(
-            f"student has {vocab} logits per position and the teacher {teacher_vocab}",
-            hint="trim both heads to the tokenizer's vocabulary first (StudentModule.head_parameters and LiveTeacher "
-            "take vocab_size; see alambic.models.check_tokenizers_compatible), or use the cross_tokenizer mode",
-        )
 
 
 def _counted_rows(labels, mask) -> torch.Tensor | None:
@@ -303,15 +290,6 @@ def _counted_rows(labels, mask) -> torch.Tensor | None:
     return mask.nonzero().squeeze(1)
 
 
-def _check_labels(labels: torch.Tensor, vocab: int) -> None:
-    wrong = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
-    if bool(wrong.any()):
-        raise DataError(
-            f"labels hold {int(wrong.sum())} ids outside [0, {vocab}) that are not {IGNORE_INDEX}",
-            hint=f"use {IGNORE_INDEX} for positions without a label; check that the tokenizer matches the model",
-        )
-
-
 def _make_plan(hidden, vocab: int, labels, mask, teacher: dict, alpha: float, options: dict) -> _Plan:
     """Counted rows, loss weights and teacher source, as per_token_distillation_loss defines them."""
     has_teacher = teacher["weight"] is not None or teacher["logits"] is not None
@@ -320,7 +298,7 @@ def _make_plan(hidden, vocab: int, labels, mask, teacher: dict, alpha: float, op
     counted_labels = None
     if use_ce:
         counted_labels = labels if rows is None else labels.index_select(0, rows)
-        _check_labels(counted_labels, vocab)
+        check_labels(counted_labels, vocab)
     spec = LossSpec(
         **options,
         kd_weight=(1.0 - alpha) if has_teacher and alpha < 1.0 else 0.0,
@@ -364,6 +342,7 @@ def fused_distillation_loss(
     logit_softcap: float | None = None,
     student_transform: LogitTransform | None = None,
     teacher_transform: LogitTransform | None = None,
+    fp32_matmul: bool = False,
 ) -> dict[str, torch.Tensor]:
     """{"loss", "kd", "ce"} of `per_token_distillation_loss`, reduced over counted rows.
 
@@ -380,9 +359,12 @@ def fused_distillation_loss(
     what each model's forward() does after its head (Gemma soft-capping, Granite
     and Cohere scaling); `logit_softcap` caps both sides inside the loss, after
     them (dense `teacher_logits` are taken as the teacher's final logits).
+
+    bf16/fp16 heads run their GEMMs in their own dtype (see the module docstring);
+    `fp32_matmul=True` upcasts them to fp32 GEMMs instead.
     """
-    _check_options(objective, temperature, reduction, chunk_size, top_k, alpha, beta, skew_alpha, logit_softcap)
-    _check_shapes(
+    check_options(objective, temperature, reduction, chunk_size, top_k, alpha, beta, skew_alpha, logit_softcap)
+    check_shapes(
         student_hidden, student_head_weight, student_head_bias, labels, mask,
         teacher_hidden, teacher_head_weight, teacher_head_bias, teacher_logits,
     )
@@ -398,6 +380,7 @@ def fused_distillation_loss(
     plan.student_transform = (student_transform or IDENTITY).with_cap(logit_softcap)
     plan.teacher_transform = (teacher_transform or IDENTITY).with_cap(logit_softcap)
     plan.logit_softcap = logit_softcap
+    plan.fp32_matmul = bool(fp32_matmul)
     if reduction == "mean":
         plan.scale = 1.0 / max(plan.row_count, 1)
     loss, kd, ce = _FusedHeadDistillation.apply(student_hidden, student_head_weight, student_head_bias, plan)

@@ -2,15 +2,13 @@
 
 `block_loss_and_grad` takes the student and teacher logits of a few rows and
 returns the summed KD and CE values plus d(loss)/d(student logits), written by
-hand for every objective so no autograd graph is built per chunk. The values
-are the same sums as `alambic.losses.divergences` (sum of p * (log p - log m)
-terms, never a difference of large sums), and tests/unit/test_fused_loss.py
-checks values and gradients against autograd on that plain path.
-
-Eager speed on CPU is a count of passes over [rows, vocab] tensors, so the
-softmax is kept unnormalised (exp(x - max) and a per-row 1/sum), per-row
-factors are folded into the few ops that touch every element, and the
-cross-entropy gradient (softmax - onehot) is merged into the divergence's.
+hand for every objective so no autograd graph is built per chunk. Values are
+sums of p * log(p / m) terms with every log-ratio formed without cancelling
+large numbers (see `Softmax`, `_log1p_weighted`); tests/unit/test_fused_loss.py
+and test_loss_edges.py check values and gradients against the plain path.
+Eager CPU speed is a count of passes over [rows, vocab] tensors: the softmax is
+kept unnormalised, per-row factors are folded into the few ops that touch every
+element, and the CE gradient (softmax - onehot) is merged into the divergence's.
 
 Derivation shared by the softmax objectives (q = softmax(s), s = student / T):
 for a divergence D whose partial derivative in q is g, the chain rule through
@@ -36,6 +34,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from alambic.losses.divergences import excluded_columns
 
 IGNORE_INDEX = -100
 
@@ -265,24 +265,6 @@ def _drop_rows(result: Divergence, dead: torch.Tensor | None) -> Divergence:
     return Divergence(result.values * keep.squeeze(-1), grad)
 
 
-def _excluded_columns(student_logits, teacher_logits):
-    """Teacher -inf columns (not tokens of the teacher) and rows without any finite teacher logit.
-
-    As in divergences.token_divergence: the columns leave both distributions.
-    """
-    excluded = torch.isneginf(teacher_logits)
-    if not bool(excluded.any()):
-        return student_logits, teacher_logits, None, None
-    dead = excluded.all(-1, keepdim=True)
-    if bool(dead.any()):
-        excluded &= ~dead
-        teacher_logits = torch.where(dead, 0.0, teacher_logits)
-        student_logits = torch.where(dead, 0.0, student_logits)
-    else:
-        dead = None
-    return student_logits, teacher_logits, excluded, dead
-
-
 def _distillation(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec
 ) -> _KD:
@@ -294,7 +276,8 @@ def _distillation(
         student_logits = student_logits.gather(-1, top_ids)
     excluded = dead = None
     if spec.teacher_may_be_infinite:
-        student_logits, teacher_logits, excluded, dead = _excluded_columns(student_logits, teacher_logits)
+        # As divergences.token_divergence: -inf teacher columns leave both distributions.
+        student_logits, teacher_logits, excluded, dead = excluded_columns(student_logits, teacher_logits)
     if spec.objective == "cosine":
         if excluded is not None:
             student_logits = student_logits.masked_fill(excluded, 0.0)

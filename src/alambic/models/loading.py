@@ -71,9 +71,11 @@ def _hub_error(name: str, role: str, err: Exception) -> ModelError:
 def quiet_transformers() -> None:
     """Silence transformers' per-load reports (weight-loading bars, newly initialised heads): alambic says what matters.
 
-    ALAMBIC_HF_VERBOSE=1 keeps them, for debugging a checkpoint.
+    `alambic --verbose` (or ALAMBIC_HF_VERBOSE=1) keeps them, for debugging a checkpoint.
     """
-    if os.environ.get("ALAMBIC_HF_VERBOSE", "0") in ("1", "true", "yes"):
+    from alambic.output import is_verbose
+
+    if is_verbose() or os.environ.get("ALAMBIC_HF_VERBOSE", "0") in ("1", "true", "yes"):
         return
     from transformers.utils import logging as hf_logging
 

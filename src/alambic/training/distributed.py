@@ -213,6 +213,7 @@ class FSDPStrategy(DDPStrategy):
         from alambic.training.checkpoint_dcp import is_dcp_checkpoint, load_dcp_checkpoint, wrong_format_error
 
         if not is_dcp_checkpoint(path):
+            self.close()  # a 1-process group of our own must not outlive the refused run
             raise wrong_format_error(path, "ddp", "fsdp")
         return load_dcp_checkpoint(path, student, optimizer, scheduler, self.rank)
 

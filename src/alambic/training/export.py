@@ -56,7 +56,7 @@ def export_student(
     `state_dict`: the full weights when the module holds only shards (FSDP), gathered by the caller.
     """
     model = student_module.model
-    check_finite_weights(model, "final export")  # never a NaN model on disk (training/finite.py)
+    check_finite_weights(model if state_dict is None else state_dict, "final export")  # never a NaN model on disk (training/finite.py)
     with atomic_dir(Path(run_dir) / "final") as temporary:
         model.save_pretrained(temporary, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)

@@ -23,8 +23,11 @@ class NonFiniteError(AlambicError):
     exit_code = EXIT_NONFINITE
 
 
-def check_finite_weights(module: torch.nn.Module, what: str) -> None:
-    """Refuse to write `what` from weights holding NaN or inf."""
-    for name, tensor in module.state_dict().items():
+def check_finite_weights(weights: torch.nn.Module | dict, what: str) -> None:
+    """Refuse to write `what` from weights (a module, or a full state dict) holding NaN or inf."""
+    tensors = weights if isinstance(weights, dict) else weights.state_dict()
+    for name, tensor in tensors.items():
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard: judge the whole tensor
+            tensor = tensor.full_tensor()
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"the model's weights are not finite (e.g. {name}): the {what} is not written", HINT)
