@@ -20,7 +20,7 @@ from pathlib import Path
 from alambic.demos.demo import DemoConfig, run_demo
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- demo:start -->", "<!-- demo:end -->"
+START, END = "<!-- demo-seeds:start -->", "<!-- demo-seeds:end -->"
 MODELS = ("teacher", "gold_only", "hard_labels", "soft_targets")
 METRICS = ("accuracy", "macro_f1", "agreement", "throughput_per_s", "throughput_spread")
 
@@ -97,7 +97,7 @@ def lm_markdown(run_folder: Path) -> str:
 def write_section(markdown: str) -> None:
     """Replace the demo section of RESULTS.md (other sections belong to other benchmarks)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{START}\n## demo\n\n{markdown}\n{END}"
+    section = f"{START}\n{markdown}\n{END}"
     if START in text and END in text:
         text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
     else:
