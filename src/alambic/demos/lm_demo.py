@@ -236,7 +236,8 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
 
     from alambic.config import dump_config
     from alambic.data import read_records
-    from alambic.demos.demo import save_and_render, train
+    from alambic.demos.demo import save_and_render
+    from alambic.demos.demo_stages import train
     from alambic.evaluate.suite import ModelSpec, evaluate_causal_lms
     from alambic.durable import atomic_write_text
 

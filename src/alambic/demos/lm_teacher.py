@@ -29,7 +29,7 @@ from alambic.demos.lm_assets import MANIFEST, SHIPPED, read_modules, stdlib_spli
 def train_teacher(out: Path, steps: int, seed: int, lr: float, work: Path) -> dict:
     from alambic.data.stdlib_corpus import build_tokenizer
     from alambic.demos.bbc import write_jsonl
-    from alambic.demos.demo import train
+    from alambic.demos.demo_stages import train
     from alambic.demos.lm_demo import LMDemoConfig, build_llama, lm_train_config
     from alambic.durable import atomic_dir
     from alambic.training.loop import run_distillation
