@@ -98,9 +98,9 @@ def _click_classes() -> tuple[tuple, tuple]:
 def _report(err: AlambicError) -> None:
     from alambic.redact import redact_text
 
-    err_console.print(f"[bold red]error:[/] {escape(redact_text(err.message))}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(redact_text(err.message))}", highlight=False, soft_wrap=True)
     if err.hint:
-        err_console.print(f"[yellow]fix:[/] {escape(redact_text(err.hint))}", highlight=False)
+        err_console.print(f"[yellow]fix:[/] {escape(redact_text(err.hint))}", highlight=False, soft_wrap=True)
     sys.exit(err.exit_code)
 
 

@@ -119,13 +119,52 @@ def _wait_for(path: Path, process, timeout=240):
     raise AssertionError(f"{path} never appeared")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun starts each rank in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_9_tree(process, timeout=60) -> None:
+    """kill -9 the launcher and every rank, and wait until all are gone (only then is the run lock free)."""
+    pids = [process.pid, *_descendants(process.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+    deadline = time.time() + timeout
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+        if time.time() > deadline:
+            raise AssertionError(f"processes {pids} still alive {timeout} s after kill -9")
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_kill_9_then_resume_equals_uninterrupted_run(fsdp_run, tmp_path):
     mapping = {**fsdp_run["mapping"], "train": {**fsdp_run["mapping"]["train"], "output_dir": str(tmp_path / "killed")}}
     config = write_config(tmp_path / "killed.yaml", mapping)
     process = _torchrun(config, tmp_path / "report1", {"ALAMBIC_DEBUG_STEP_SLEEP": "0.5"}, wait=False)
     _wait_for(tmp_path / "killed" / "checkpoints" / "step-000002", process)
-    os.killpg(process.pid, signal.SIGKILL)  # kill -9 of every process of the run, mid-training
-    process.wait()
+    _kill_9_tree(process)  # kill -9 of every process of the run (launcher and ranks), mid-training
     assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
     # A torn checkpoint (killed while writing) is ignored and replaced.
     torn = tmp_path / "killed" / "checkpoints" / ".tmp-step-000004"
