@@ -47,6 +47,10 @@ def main(config_path: str, report_dir: str) -> None:  # argv[3] == --resume: con
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in full.items()}, str(Path(report_dir, "trained.safetensors")))
+    # Leave together and close the group: a gloo group still open at interpreter exit can abort a rank
+    # ("terminate called without an active exception") after all its work is done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

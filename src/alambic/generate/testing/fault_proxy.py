@@ -18,11 +18,10 @@ import argparse
 import asyncio
 import json
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 
-from alambic.generate.testing.http11 import encode_response, json_response, read_body, read_head, read_request
+from alambic.generate.testing.http11 import RunsInThread, encode_response, json_response, read_body, read_head, read_request
 
 FAULTS = ("rate_limit", "server_error", "timeout", "truncated", "invalid_json")
 
@@ -36,7 +35,9 @@ class FaultEvent:
 
 
 @dataclass
-class FaultProxy:
+class FaultProxy(RunsInThread):
+    thread_name = "fault-proxy"
+
     upstream_host: str
     upstream_port: int
     rates: dict[str, float] = field(default_factory=dict)
@@ -147,37 +148,6 @@ class FaultProxy:
         passed = {k: v for k, v in response_headers.items()
                   if k in ("content-type", "retry-after", "retry-after-ms", "x-request-id")}
         return status, passed, body
-
-    # ----------------------------------------------------------- running in a thread (tests)
-
-    def start_in_thread(self) -> "FaultProxy":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="fault-proxy")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fault proxy did not start within 10 s")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-
-        async def shutdown() -> None:
-            self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 def _last_user_message(body: bytes) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
@@ -70,3 +71,42 @@ def encode_response(status: int, body: bytes, headers: dict[str, str] | None = N
 
 def json_response(status: int, payload, headers: dict[str, str] | None = None) -> bytes:
     return encode_response(status, json.dumps(payload).encode(), headers)
+
+
+class RunsInThread:
+    """`start_in_thread()` / `stop()` for a loopback server class with an async `start()` that sets `self._server`:
+    tests run the server on its own event loop in a daemon thread beside them."""
+
+    thread_name = "loopback-server"
+    _loop = None
+    _thread = None
+
+    def start_in_thread(self):
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True, name=self.thread_name)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{self.thread_name} did not start within 10 s")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def shutdown() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():  # open keep-alive connections too
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop = None

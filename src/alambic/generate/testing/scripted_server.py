@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from alambic.generate.testing.http11 import json_response, read_request
+from alambic.generate.testing.http11 import RunsInThread, json_response, read_request
 
 Responder = Callable[[list, dict], str]
 
@@ -54,12 +54,14 @@ def rationale_responder(messages: list, body: dict) -> str:
 RESPONDERS = {"echo": echo_responder, "sentiment": sentiment_responder, "rationale": rationale_responder}
 
 
-class ScriptedChatServer:
+class ScriptedChatServer(RunsInThread):
     """Serve /v1/chat/completions on 127.0.0.1; `log` holds (time, last message, seed) per answer sent.
 
     `responder(messages, body)` returns the answer text, or raises ScriptedError for an HTTP error.
     With `api_key`, requests without `Authorization: Bearer <api_key>` get a 401.
     """
+
+    thread_name = "scripted-chat-server"
 
     def __init__(self, responder: Responder = echo_responder, delay_s: float = 0.0, port: int = 0,
                  api_key: str | None = None, serve_logprobs: bool = True):
@@ -120,35 +122,6 @@ class ScriptedChatServer:
             self.active -= 1
         self.log.append((time.monotonic(), messages[-1]["content"], body.get("seed")))
         return json_response(200, _completion(body, text, self.serve_logprobs))
-
-    # ----------------------------------------------------------- running in a thread (tests)
-
-    def start_in_thread(self) -> "ScriptedChatServer":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="scripted-chat-server")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("scripted server did not start within 10 s")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-
-        async def shutdown() -> None:
-            self._server.close()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 def _completion(body: dict, text: str, serve_logprobs: bool = True) -> dict:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from alambic.generate.testing.http11 import encode_response, json_response, read_request
+from alambic.generate.testing.http11 import RunsInThread, encode_response, json_response, read_request
 
 Scorer = Callable[[list[int]], torch.Tensor]  # ids [n] -> log-probs [n, V] (position t: next-token distribution)
 
@@ -97,7 +97,9 @@ def table_scorer(vocab_size: int, seed: int = 0) -> TableScorer:
     return TableScorer(vocab_size, seed)
 
 
-class LogprobServer:
+class LogprobServer(RunsInThread):
+    thread_name = "logprob-server"
+
     def __init__(self, scorer: Scorer, model_name: str = "teacher", tokenizer=None, max_logprobs: int = 20,
                  max_model_len: int = 1024, delay_s: float = 0.0, prompt_logprobs_supported: bool = True,
                  port: int = 0):
@@ -236,38 +238,6 @@ class LogprobServer:
         if self._texts is None:
             self._texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
         return self._texts[token] if token < len(self._texts) else ""
-
-    # ----------------------------------------------------------- running in a thread (tests)
-
-    def start_in_thread(self) -> "LogprobServer":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="logprob-server")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("logprob server did not start within 10 s")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-
-        async def shutdown() -> None:
-            self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop = None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> bytes:
