@@ -59,10 +59,6 @@ class FaultProxy(RunsInThread):
         self._loop = None
         self._thread = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for event in self.events:
@@ -76,10 +72,6 @@ class FaultProxy(RunsInThread):
             if roll < edge:
                 return fault
         return None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve_connection(self, reader, writer) -> None:
         try:

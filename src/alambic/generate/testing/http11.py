@@ -74,12 +74,36 @@ def json_response(status: int, payload, headers: dict[str, str] | None = None) -
 
 
 class RunsInThread:
-    """`start_in_thread()` / `stop()` for a loopback server class with an async `start()` that sets `self._server`:
-    tests run the server on its own event loop in a daemon thread beside them."""
+    """A loopback HTTP/1.1 server: `start()` listens on 127.0.0.1:`self.port` (0 = any free port) and answers each
+    keep-alive request with `await self._answer(request)` (bytes); `start_in_thread()` / `stop()` run it on its own
+    event loop in a daemon thread beside a test."""
 
     thread_name = "loopback-server"
+    port = 0
+    _server = None
     _loop = None
     _thread = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve_connection(self, reader, writer) -> None:
+        try:
+            while True:
+                request = await read_request(reader)
+                if request is None:
+                    break
+                writer.write(await self._answer(request))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
 
     def start_in_thread(self):
         ready = threading.Event()

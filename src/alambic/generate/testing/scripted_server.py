@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from alambic.generate.testing.http11 import RunsInThread, json_response, read_request
+from alambic.generate.testing.http11 import RunsInThread, json_response
 
 Responder = Callable[[list, dict], str]
 
@@ -76,27 +76,6 @@ class ScriptedChatServer(RunsInThread):
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                request = await read_request(reader)
-                if request is None:
-                    break
-                writer.write(await self._answer(request))
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
 
     async def _answer(self, request) -> bytes:
         if request.method == "GET" and request.path.endswith("/models"):

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from alambic.generate.testing.http11 import RunsInThread, encode_response, json_response, read_request
+from alambic.generate.testing.http11 import RunsInThread, encode_response, json_response
 
 Scorer = Callable[[list[int]], torch.Tensor]  # ids [n] -> log-probs [n, V] (position t: next-token distribution)
 
@@ -113,27 +113,6 @@ class LogprobServer(RunsInThread):
         self.log: list[tuple[float, int, int]] = []  # (time answered, rows, tokens) per completion request
         self._lock = threading.Lock()  # one forward pass at a time
         self._server = self._loop = self._thread = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve_connection(self, reader, writer) -> None:
-        try:
-            while True:
-                request = await read_request(reader)
-                if request is None:
-                    break
-                writer.write(await self._answer(request))
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
 
     async def _answer(self, request) -> bytes:
         if request.method == "GET" and request.path.endswith("/models"):
