@@ -208,6 +208,21 @@ def test_resume_two_to_one_and_one_to_two_processes(fsdp_run, tmp_path):
     assert report["teacher_local"] == report["teacher_full"] > 0
 
 
+def test_a_damaged_shard_is_found_and_an_older_checkpoint_resumes(fsdp_run, tmp_path, capsys):
+    run = _copy_at(fsdp_run["run"], 4, tmp_path / "damaged")
+    newest = run / "checkpoints" / "step-000004"
+    assert set(json.loads((newest / "checksums.json").read_text())) >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    shard = newest / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, size unchanged
+    shard.write_bytes(bytes(data))
+    mapping = {**fsdp_run["mapping"], "train": {**fsdp_run["mapping"]["train"], "output_dir": str(run), "batch_size": 4}}
+    resumed = run_distillation(DistillConfig.model_validate(mapping), resume=True)
+    assert "step-000004 is damaged" in capsys.readouterr().err  # named, then step 2 is used
+    _assert_same_weights(_final(resumed.output_dir), _final(fsdp_run["run"]))
+    assert [r["step"] for r in _history(run)][-4:] == [3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_accelerate_fsdp_or_deepspeed_plugins_are_refused(variable, tiny_setup, tmp_path, monkeypatch):
     from alambic.errors import ConfigError

@@ -8,6 +8,8 @@ process); after a barrier the main process writes the scheduler and
 `state.json`, fsyncs every file and the folder, and renames it into place. A
 run killed at any moment (kill -9 of any process) leaves only complete step
 folders; a temporary one is hidden (its name starts with a dot) and ignored.
+`checksums.json` records every file's size and sha256, as under ddp, so a shard
+damaged after it was written is found at resume and an older step is used.
 
 Distributed Checkpoint stores each tensor with its global shape and the piece
 each rank held, so a checkpoint resumes on any number of processes (2 -> 1,
@@ -27,6 +29,8 @@ from alambic.durable import atomic_dir, atomic_write_json, fsync_file
 from alambic.errors import ConfigError
 from alambic.training.checkpoint import (
     CHECKPOINT_PREFIX,
+    CHECKSUMS,
+    _checksums,
     _rng_as_tensors,
     _rng_from_tensors,
     list_checkpoints,
@@ -90,6 +94,9 @@ def _write_shards(temporary: Path | None, step, student, optimizer, scheduler, e
         torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
         state = {"step": step, "format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), **extra}
         atomic_write_json(temporary / "state.json", state)
+        # The same checksums as a ddp checkpoint: a shard damaged later is found at resume
+        # (training/checkpoint.py: checkpoint_problem) and the run falls back to an older step.
+        atomic_write_json(temporary / CHECKSUMS, _checksums(temporary))
 
 
 def load_dcp_checkpoint(path, student, optimizer, scheduler, rank: int) -> dict:
