@@ -323,10 +323,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None, model_cls:
 
 
 def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML, with credentials inside URLs masked (it is printed and saved)."""
+    """The resolved config as YAML, with credentials inside URLs masked (it is printed and saved).
+
+    Keys are written as configs spell them (`rollout.lambda`, not the Python name `lambda_`),
+    so a saved config.yaml can be given back to any command as it is.
+    """
     from alambic.redact import redact_tree
 
-    return yaml.safe_dump(redact_tree(config.model_dump(mode="json")), sort_keys=False)
+    return yaml.safe_dump(redact_tree(config.model_dump(mode="json", by_alias=True)), sort_keys=False)
 
 
 def config_model_for(path: str | Path) -> type[BaseModel]:

@@ -16,7 +16,6 @@ import os
 import re
 import warnings
 
-import yaml
 
 VERBOSE_ENV = "ALAMBIC_VERBOSE"
 VERBOSE_FLAG = "--verbose"
@@ -120,8 +119,10 @@ def config_summary(config) -> str:
 
 
 def full_config_text(config) -> str:
-    """The resolved config as YAML, with the keys as they are written in configs (`lambda`, not `lambda_`)."""
-    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The resolved config as YAML, as config.yaml saves it: keys spelled as in configs, URL credentials masked."""
+    from alambic.config import dump_config
+
+    return dump_config(config)
 
 
 def describe_config(config) -> str:

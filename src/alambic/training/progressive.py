@@ -132,7 +132,7 @@ def _finished_with(config: DistillConfig) -> bool:
     if not (folder / "final").exists() or not (folder / "config.yaml").exists():
         return False
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return _comparable(saved) == _comparable(config.model_dump(mode="json"))
+    return _comparable(saved) == _comparable(config.model_dump(mode="json", by_alias=True))
 
 
 def _evaluate_against(spec, teacher_model, config: DistillConfig, device) -> dict:

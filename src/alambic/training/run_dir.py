@@ -25,6 +25,9 @@ COSMETIC_KEYS = {("train", "progress"), ("train", "max_steps"), ("train", "eval_
 
 def _comparable(config_dict: dict) -> dict:
     copy = yaml.safe_load(yaml.safe_dump(config_dict))
+    rollout = copy.get("rollout")
+    if isinstance(rollout, dict) and "lambda_" in rollout:  # saved before keys were written by their alias
+        rollout["lambda"] = rollout.pop("lambda_")
     for section, key in COSMETIC_KEYS:
         copy.get(section, {}).pop(key, None)
     return copy
@@ -55,7 +58,7 @@ def inspect_run_dir(config: DistillConfig, overwrite: bool, resume: bool) -> Pat
             "choose another train.output_dir, or pass --overwrite to delete its contents",
         )
     previous = yaml.safe_load(saved_config.read_text()) or {}
-    same = _comparable(previous) == _comparable(redact_tree(config.model_dump(mode="json")))  # as saved
+    same = _comparable(previous) == _comparable(redact_tree(config.model_dump(mode="json", by_alias=True)))  # as saved
     if not same and not resume:
         raise ConfigError(
             f"output folder {str(run_dir)!r} already holds a different run (its config.yaml differs)",
