@@ -30,7 +30,7 @@ out = f(h, w, None, None, None, teacher_logits=torch.randn(8, 16), objective='js
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,6 +71,11 @@ class _Plan:
     teacher_transform: LogitTransform = IDENTITY  # for teacher head logits (dense ones are as given)
     logit_softcap: float | None = None  # applied to dense teacher logits
     fp32_matmul: bool = False  # bf16/fp16 heads: upcast and run the GEMMs in fp32 (the pre-2026-12 path)
+
+    @property
+    def grad_scale_folded(self) -> bool:
+        """Eager math takes `scale` in its loss weights; compiled math keeps one spec (no recompiles per count)."""
+        return not self.compiled
 
 
 def _select(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -220,6 +225,12 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
         teacher = _Head(plan.teacher_weight, plan.teacher_bias, compute, chunk, gemm)
     grads = _GradientSums(plan, student, needs_grad)
     chunk_math = _compiled_chunk_loss_and_grad if plan.compiled else eager_chunk_loss_and_grad
+    grad_spec = plan.spec
+    if plan.grad_scale_folded:
+        # The reduction's 1 / count rides on the per-row weights the math applies anyway, so
+        # backward need not rescale the [vocab, width] weight gradient (a full pass over it).
+        grad_spec = replace(plan.spec, kd_weight=plan.spec.kd_weight * plan.scale,
+                            ce_weight=plan.spec.ce_weight * plan.scale)
     kd_total = torch.zeros((), dtype=compute, device=hidden.device)
     ce_total = torch.zeros((), dtype=compute, device=hidden.device)
     student_transform = None if plan.student_transform.is_identity else plan.student_transform
@@ -229,7 +240,7 @@ def _run_chunks(hidden, weight, bias, plan: _Plan, needs_grad: tuple[bool, bool,
         labels = None if plan.labels is None else plan.labels[start:stop]
         logits = student.logits(chunk_hidden)
         derivative = None if student_transform is None else student_transform.apply_(logits, want_derivative=True)
-        kd, ce, grad_logits = chunk_math(logits, _chunk_teacher(plan, teacher, start, stop, compute), labels, plan.spec)
+        kd, ce, grad_logits = chunk_math(logits, _chunk_teacher(plan, teacher, start, stop, compute), labels, grad_spec)
         if derivative is not None:
             grad_logits.mul_(derivative)  # chain rule through the logit transformation
         kd_total += kd
@@ -255,7 +266,7 @@ class _FusedHeadDistillation(torch.autograd.Function):
         ce = ce_sum * plan.scale
         ctx.fused_grads = grads
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.scale = plan.scale
+        ctx.scale = 1.0 if plan.grad_scale_folded else plan.scale
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
@@ -269,12 +280,15 @@ class _FusedHeadDistillation(torch.autograd.Function):
             )
         ctx.fused_grads = None  # scaled in place below, so a second backward would be wrong
         results = []
+        # Usually 1 (a loss backpropagated as it is): then there is nothing left to scale.
+        unit = ctx.scale == 1.0 and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
         for grad, dtype in zip(grads, ctx.input_dtypes):
             if grad is None:
                 results.append(None)
                 continue
-            # The factor stays fp32 for bf16 gradients: a bf16 1 / count would bias every gradient.
-            grad.mul_((grad_loss * ctx.scale).to(torch.promote_types(grad.dtype, torch.float32)))
+            if not unit:
+                # The factor stays fp32 for bf16 gradients: a bf16 1 / count would bias every gradient.
+                grad.mul_((grad_loss * ctx.scale).to(torch.promote_types(grad.dtype, torch.float32)))
             results.append(grad.to(dtype))
         return results[0], results[1], results[2], None
 
