@@ -71,3 +71,27 @@ def expect_exit_2(capsys, tmp_path, mapping, *needles, command="distill", extra=
         assert "fix:" in err, err
     assert not (tmp_path / "run").exists(), "a failed run left a folder behind"
     return err
+
+
+def largest_tensor_recorder(dtype=None):
+    """A TorchDispatchMode recording the largest numel of any tensor (of `dtype`, if given) an op produces.
+
+    Used as `with largest_tensor_recorder() as recorder: ...; recorder.largest` to show a
+    loss never materialises a full [tokens, vocab] tensor.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for value in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(value, torch.Tensor) and (dtype is None or value.dtype == dtype):
+                    self.largest = max(self.largest, value.numel())
+            return result
+
+    return LargestTensor()

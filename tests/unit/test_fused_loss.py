@@ -21,8 +21,8 @@ from unittest import mock
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import largest_tensor_recorder
 from alambic.errors import ConfigError, DataError, ModelError
 from alambic.losses import fused, fused_kernels, fused_threads
 from alambic.losses.divergences import OBJECTIVES, distillation_loss, per_token_distillation_loss
@@ -276,20 +276,6 @@ def test_bf16_logits_are_formed_in_fp32_with_fp32_matmul():
     assert float(fused_out["loss"].detach()) == pytest.approx(float(exact_out["loss"].detach()), rel=1e-4)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for value in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return result
-
 
 @pytest.fixture
 def _one_thread(monkeypatch):
@@ -311,7 +297,7 @@ def test_no_tokens_by_vocab_tensor_is_ever_created(_one_thread):
         "teacher_hidden": torch.randn(rows, width, generator=gen),
         "teacher_head_weight": torch.randn(vocab, width, generator=gen),
     }
-    with _LargestTensor() as recorder:
+    with largest_tensor_recorder() as recorder:
         out = fused_distillation_loss(
             hidden, weight, None, labels, None, **teacher, objective="jsd", alpha=0.5, chunk_size=chunk
         )
@@ -320,7 +306,7 @@ def test_no_tokens_by_vocab_tensor_is_ever_created(_one_thread):
     assert recorder.largest < rows * vocab
     assert recorder.largest <= chunk * vocab
     # The recorder does see full logits when they exist (the plain path).
-    with _LargestTensor() as recorder:
+    with largest_tensor_recorder() as recorder:
         (hidden[:512] @ weight.T).sum().backward()
     assert recorder.largest >= 512 * vocab
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import largest_tensor_recorder
 from alambic.losses.divergences import per_token_distillation_loss
 from alambic.losses.fused import fused_distillation_loss
 
@@ -138,28 +138,14 @@ def test_fp32_matmul_option_differs_for_bf16_heads():
     assert not _exactly_equal(_fused(low, **options), _fused(low, fp32_matmul=True, **options))
 
 
-class _LargestFloat32(TorchDispatchMode):
-    """The largest numel of any fp32 tensor an op produces on this thread."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for value in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-                self.largest = max(self.largest, value.numel())
-        return result
-
 
 def test_bf16_heads_make_no_fp32_copy_of_a_head_weight_or_its_gradient():
     low = _cast(_case(seed=7), torch.bfloat16)
     chunk = 8  # chunk * VOCAB fp32 logits are 4x smaller than a [VOCAB, WIDTH] fp32 weight
-    with _LargestFloat32() as largest:
+    with largest_tensor_recorder(torch.float32) as largest:
         _fused(low, chunk_size=chunk, objective="jsd", alpha=0.5)
     assert largest.largest <= chunk * VOCAB < VOCAB * WIDTH
     fp32 = _cast(low, torch.float32)
-    with _LargestFloat32() as largest:
+    with largest_tensor_recorder(torch.float32) as largest:
         _fused(fp32, chunk_size=chunk, objective="jsd", alpha=0.5)
     assert largest.largest >= VOCAB * WIDTH  # the check can fail: fp32 heads do hold fp32 weight tensors
