@@ -54,7 +54,34 @@ def test_rounds_rotate_the_order_so_no_model_is_always_first():
     order = []
     runners = {name: (lambda name=name: order.append(name)) for name in "xyz"}
     interleaved_seconds(runners, rounds=3, warmup=0, clock=lambda: 0.0)
-    assert order == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]
+    timed_after_a_warm_call = ["x", "x", "y", "y", "z", "z", "y", "y", "z", "z", "x", "x", "z", "z", "x", "x", "y", "y"]
+    assert order == timed_after_a_warm_call
+
+
+class CacheMachine:
+    """A fake clock where a call costs extra right after a larger model ran (it evicted the smaller one's caches)."""
+
+    def __init__(self, cold_penalty: float):
+        self.now, self.last_work, self.cold_penalty = 0.0, 0.0, cold_penalty
+
+    def clock(self) -> float:
+        return self.now
+
+    def model(self, work: float):
+        def run():
+            self.now += work * (1.0 + (self.cold_penalty if self.last_work > work else 0.0))
+            self.last_work = work
+
+        return run
+
+
+def test_the_model_listed_after_the_teacher_is_not_timed_on_cold_caches():
+    """Rotation keeps the cyclic order (a always follows the teacher); the warm call keeps a equal to its twin."""
+    machine = CacheMachine(cold_penalty=0.15)
+    runners = {"teacher": machine.model(8.0), "a": machine.model(1.0), "b": machine.model(1.0)}
+    measured = interleaved_throughput(runners, batch_size=32, rounds=9, warmup=1, clock=machine.clock)
+    assert measured["a"]["throughput_per_s"] == pytest.approx(measured["b"]["throughput_per_s"], rel=1e-9)
+    assert measured["a"]["throughput_per_s"] == pytest.approx(32.0)
 
 
 def test_a_noisy_measurement_warns():

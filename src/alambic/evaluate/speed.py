@@ -168,6 +168,10 @@ def interleaved_seconds(runners: dict[str, Callable[[], object]], rounds: int = 
     Every round calls every model once, in an order rotated by one each round, so a
     change of machine load (another process starting, the CPU clocking down) falls
     on every model alike instead of on whichever happened to be measured then.
+    Each timed call follows an untimed call of the same model: rotation keeps the
+    cyclic order, so without it the model listed after a large one (the teacher)
+    would always be timed on the caches the large one had just evicted (measured:
+    an identical student 5-15% slower than its twins on the demo).
     """
     names = list(runners)
     with torch.inference_mode():
@@ -178,6 +182,7 @@ def interleaved_seconds(runners: dict[str, Callable[[], object]], rounds: int = 
         for round_index in range(rounds):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
+                runners[name]()  # warm: its weights and activations back in cache, not timed
                 start = clock()
                 runners[name]()
                 samples[name].append(clock() - start)
