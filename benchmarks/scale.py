@@ -12,6 +12,19 @@ teacher's weights. Memory: peak of the training steps above what the process
 held before building the models (CPU: resident memory high-water mark after a
 warm-up; GPU: torch.cuda.max_memory_allocated). Threads: OMP_NUM_THREADS=1 per
 process on CPU (2 processes on 2 cores).
+
+On CPU every mode runs twice. The speed pass runs as users run it: alambic
+lets glibc keep freed memory for reuse (losses/fused_threads.py), which makes
+steps faster but leaves freed blocks in the resident size. The memory pass
+turns that off (ALAMBIC_MALLOC_TUNING=0, MALLOC_MMAP_THRESHOLD_=128 KiB, so
+freed blocks go back to the system) and measures what the tensors really
+need; that peak is what `alambic plan` predicts. The speed pass's resident
+peak is printed too ("RSS cached"), as the extra a CPU user sees.
+
+FSDP's all-gathers and reduce-scatters move the same bytes per step whatever
+the batch, while compute grows with the tokens per step, so the FSDP/DDP
+tokens/s ratio depends on the batch: `--batch-size` / `--seq-len` override
+the size's defaults.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ MB = 1024**2
 # (teacher hidden, teacher layers, student hidden, student layers, batch per process, length)
 SIZES = {
     "tiny": (128, 2, 64, 2, 4, 64),
-    "small": (512, 4, 384, 4, 4, 128),
+    "small": (512, 4, 384, 4, 8, 256),
     "gpu": (2048, 8, 1024, 8, 8, 512),
 }
 
@@ -54,8 +67,7 @@ def build_models(folder: Path, size: str) -> dict:
     return {**paths, "teacher": teacher, "student": student}
 
 
-def config(paths: dict, out: Path, size: str, steps: int, strategy: str, device: str) -> dict:
-    *_, batch, length = SIZES[size]
+def config(paths: dict, out: Path, size: str, steps: int, strategy: str, device: str, batch: int, length: int) -> dict:
     return {
         "teacher": {"model": str(paths["teacher"])},
         "student": {"model": str(paths["student"])},
@@ -66,11 +78,15 @@ def config(paths: dict, out: Path, size: str, steps: int, strategy: str, device:
     }
 
 
-def run(name: str, mapping: dict, processes: int, folder: Path) -> list[dict]:
+LIVE_MEMORY_ENV = {"ALAMBIC_MALLOC_TUNING": "0", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run(name: str, mapping: dict, processes: int, folder: Path, extra_env: dict | None = None) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(mapping))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    src_path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": src_path, **(extra_env or {})}
     if mapping["train"]["cpu"]:
         env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable] if processes == 1 else [
@@ -102,9 +118,13 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per process (default: the size's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the size's)")
     parser.add_argument("--out", default="runs/bench_scale")
     args = parser.parse_args()
     size = args.size or ("gpu" if args.device == "cuda" else "small")
+    args.batch_size = args.batch_size or SIZES[size][4]
+    args.seq_len = args.seq_len or SIZES[size][5]
     out = Path(args.out)
     sys.path.insert(0, str(REPO / "src"))
     paths = build_models(out / "setup", size)
@@ -114,9 +134,13 @@ def main() -> None:
         modes = [("1 process", "ddp", 1), ("2 x DDP", "ddp", 2), ("2 x FSDP", "fsdp", 2)]
     rows = {}
     for name, strategy, processes in modes:
-        mapping = config(paths, out / name.replace(" ", "_"), size, args.steps, strategy, args.device)
-        reports = run(name, mapping, processes, out / f"report-{name.replace(' ', '_')}")
-        rows[name] = {"reports": reports, "predicted": predicted_peak(mapping, processes)}
+        slug = name.replace(" ", "_")
+        mapping = config(paths, out / slug, size, args.steps, strategy, args.device, args.batch_size, args.seq_len)
+        reports = run(name, mapping, processes, out / f"report-{slug}")
+        row = {"reports": reports, "predicted": predicted_peak(mapping, processes), "live": reports}
+        if args.device == "cpu":
+            row["live"] = run(f"{name} (memory pass)", mapping, processes, out / f"report-{slug}-memory", LIVE_MEMORY_ENV)
+        rows[name] = row
     print_table(rows, size, args)
 
 
@@ -128,17 +152,20 @@ def _gpu_name() -> str:
 
 def print_table(rows: dict, size: str, args) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nscale.py --size {size} --steps {args.steps} --device {args.device} "
-          f"(load average {load:.1f}, {os.cpu_count()} cores"
+    print(f"\nscale.py --size {size} --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len} "
+          f"--device {args.device} (load average {load:.1f}, {os.cpu_count()} cores"
           + ("; 1 thread per process)" if args.device == "cpu" else f"; {_gpu_name()})"))
-    header = ("mode", "peak MB/proc", "plan MB", "plan/meas", "student p+g+o MB", "teacher MB", "tokens/s")
+    header = ("mode", "peak MB/proc", "RSS cached MB", "plan MB", "plan/meas", "student p+g+o MB", "teacher MB",
+              "tokens/s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     base = rows[next(iter(rows))]["reports"][0]
     resident = lambda r: r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]  # noqa: E731
     for name, row in rows.items():
-        peak = max(r["peak_bytes"] for r in row["reports"])
+        peak = max(r["peak_bytes"] for r in row["live"])
+        cached = max(r["peak_bytes"] for r in row["reports"])
         report = row["reports"][0]
-        print(f"| {name} | {peak / MB:.1f} | {row['predicted'] / MB:.1f} | {row['predicted'] / peak:.2f} | "
+        print(f"| {name} | {peak / MB:.1f} | {cached / MB:.1f} | {row['predicted'] / MB:.1f} | "
+              f"{row['predicted'] / peak:.2f} | "
               f"{resident(report) / MB:.1f} | {report['teacher_param_bytes'] / MB:.1f} | {report['tokens_per_s']:.0f} |")
     if "2 x FSDP" in rows:
         fsdp, ddp = rows["2 x FSDP"]["reports"][0], rows["2 x DDP"]["reports"][0]

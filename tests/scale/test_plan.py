@@ -35,3 +35,22 @@ def test_plan_command_prints_fits_and_a_recommendation(tiny_setup, tmp_path, cap
     code, out, _ = invoke(capsys, "plan", path, "--processes", "2", "--device-memory", "80")
     assert code == 0 and "recommended: train.strategy=ddp" in out and "peak per process" in out
     assert not (tmp_path / "run").exists()  # plan writes nothing
+
+
+def test_attention_probabilities_count_only_when_attention_transfer_forces_eager(tiny_setup, tmp_path):
+    # SDPA (the default) keeps no [heads, L, L] probabilities for backward; attention transfer
+    # switches the models to eager, which does, so the same batch needs more activation memory.
+    mapping = kd_config(tiny_setup, tmp_path / "run")
+    plain = plan(DistillConfig.model_validate(mapping), processes=1, device_gb=None, k=16, with_cache_size=False)
+    mapping["representation"] = {"attention": {"weight": 1.0}}
+    eager = plan(DistillConfig.model_validate(mapping), processes=1, device_gb=None, k=16, with_cache_size=False)
+    config = DistillConfig.model_validate(mapping)
+    student = next(e for e in plain["estimates"] if e["strategy"] == "ddp")
+    forced = next(e for e in eager["estimates"] if e["strategy"] == "ddp")
+    from transformers import AutoConfig
+
+    shape = AutoConfig.from_pretrained(tiny_setup["student_init"])
+    layers, heads = shape.num_hidden_layers, shape.num_attention_heads
+    length, batch = config.data.max_length, config.train.batch_size
+    extra = forced["parts"]["activations"] - student["parts"]["activations"]
+    assert extra == 4 * layers * 2 * batch * heads * length * length

@@ -70,6 +70,18 @@ def _cache_disk_bytes(config, k: int) -> tuple[int, int]:
     return tokens, tokens * RecordLayout(vocab, k, bits).record_bytes
 
 
+def keeps_attention_maps(config, student_hf) -> bool:
+    """Whether the student's attention keeps [heads, L, L] probabilities for backward.
+
+    SDPA (the Hugging Face default, on CPU and GPU) runs a flash-style kernel that
+    keeps only per-row statistics, with or without a padding mask (checked on
+    torch 2.13 CPU); eager attention keeps the probabilities. Attention transfer
+    (`representation.attention`) switches the models to eager to read the maps.
+    """
+    transfer = config.representation is not None and config.representation.attention is not None
+    return transfer or getattr(student_hf, "_attn_implementation", None) == "eager"
+
+
 def plan(config, processes: int, device_gb: float | None, k: int, with_cache_size: bool = True) -> dict:
     teacher_hf = _hf_config(config.teacher.model, "teacher") if config.teacher and config.teacher.model else None
     student_hf = _student_config(config, teacher_hf)
@@ -78,7 +90,8 @@ def plan(config, processes: int, device_gb: float | None, k: int, with_cache_siz
     work = Workload(
         batch=config.train.batch_size, length=config.data.max_length, fused=config.loss.fused,
         chunk=config.loss.chunk_size, activation_checkpointing=config.train.fsdp.activation_checkpointing, top_k=k,
-        activation_bytes=2 if config.train.mixed_precision != "no" else 4, quadratic_attention=config.train.cpu,
+        activation_bytes=2 if config.train.mixed_precision != "no" else 4,
+        quadratic_attention=keeps_attention_maps(config, student_hf),
         runtime_bytes=RUNTIME_BYTES["cpu" if config.train.cpu else "cuda"],
     )
     placements = [c for c in COMBINATIONS if teacher is not None or c[1] == "cache"]

@@ -10,7 +10,7 @@ of the models (instantiated on the `meta` device: shapes, no storage):
   two decoder layers in flight);
 - activations kept for backward at the configured batch and length (per
   decoder layer: the inputs of every matmul, norm and activation function, and
-  the attention probabilities), or only each layer's input with activation
+  the attention probabilities under eager attention; SDPA keeps none), or only each layer's input with activation
   checkpointing;
 - the loss: one chunk of student and teacher logits (fused) or the whole
   [tokens x vocabulary] logits (plain);
@@ -82,7 +82,7 @@ class Workload:
     activation_checkpointing: bool
     top_k: int  # cache: k per position
     activation_bytes: int = FP32  # 2 under bf16 mixed precision
-    quadratic_attention: bool = True  # CPU attention keeps [heads, L, L] probabilities; GPU SDPA (flash) does not
+    quadratic_attention: bool = False  # eager attention keeps [heads, L, L] probabilities; SDPA (flash-style) does not
     runtime_bytes: int = 0  # memory that is not tensors of the run (see RUNTIME_BYTES)
 
 
