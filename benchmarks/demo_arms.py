@@ -43,13 +43,18 @@ def run_arm(seed_dir: Path, arm: str, overrides: list[str], output: Path) -> dic
     raw = apply_overrides(raw, [*overrides, f"train.output_dir={output}", "train.progress=false"])
     config = DistillConfig.model_validate(raw)
     run_distillation(config, overwrite=True)
-    rows = [json.loads(line) for line in (seed_dir / "data" / "test.jsonl").read_text().splitlines()]
     model = AutoModelForSequenceClassification.from_pretrained(output / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(output / "final")
-    logits = classifier_logits(model, tokenizer, [r["text"] for r in rows], config.data.max_length,
-                               description=arm, show_progress=False)
-    correct = (logits.argmax(-1) == torch.tensor([r["label"] for r in rows])).sum().item()
-    return {"accuracy": correct / len(rows), "correct": correct, "examples": len(rows), "overrides": overrides}
+    result = {"overrides": overrides}
+    for split in ("test", "validation"):
+        rows = [json.loads(line) for line in (seed_dir / "data" / f"{split}.jsonl").read_text().splitlines()]
+        logits = classifier_logits(model, tokenizer, [r["text"] for r in rows], config.data.max_length,
+                                   description=arm, show_progress=False)
+        correct = (logits.argmax(-1) == torch.tensor([r["label"] for r in rows])).sum().item()
+        prefix = "" if split == "test" else "validation_"
+        result.update({f"{prefix}accuracy": correct / len(rows), f"{prefix}correct": correct,
+                       f"{prefix}examples": len(rows)})
+    return result
 
 
 def _job(root: Path, name: str, overrides: list[str], arm: str, seed: int) -> tuple:
@@ -73,13 +78,16 @@ def _variants(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _table(results: list[tuple], seeds: list[int]) -> str:
-    lines = ["| variant | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+    """Test accuracy per seed, and validation accuracy (what a choice of setting may be based on) in brackets."""
+    lines = ["| variant | arm | " + " | ".join(f"seed {s} test (val)" for s in seeds) + " | mean test (val) |",
              "|---|---|" + "---|" * (len(seeds) + 1)]
     by_key = {(n, a, s): r for n, a, s, r in results}
     for name, arm in dict.fromkeys((n, a) for n, a, _, _ in results):
-        values = [by_key[(name, arm, s)]["accuracy"] for s in seeds]
-        lines.append(f"| {name} | {arm} | " + " | ".join(f"{100 * v:.2f}%" for v in values)
-                     + f" | {100 * statistics.mean(values):.2f}% |")
+        runs = [by_key[(name, arm, s)] for s in seeds]
+        cells = [f"{100 * r['accuracy']:.2f}% ({100 * r.get('validation_accuracy', float('nan')):.2f}%)" for r in runs]
+        mean_test = statistics.mean(r["accuracy"] for r in runs)
+        mean_val = statistics.mean(r.get("validation_accuracy", float("nan")) for r in runs)
+        lines.append(f"| {name} | {arm} | " + " | ".join(cells) + f" | {100 * mean_test:.2f}% ({100 * mean_val:.2f}%) |")
     return "\n".join(lines)
 
 
