@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run (about 8 minutes on one H200): the fused-loss benchmark, the scale
 # benchmark (1 process plain vs FSDP on one GPU), and a tiny distillation through the CLI on CUDA
-# in bf16, plain and FSDP (torchrun, 1 process, NCCL). Outputs go to $OUT (default /tmp/alambic-gpu).
+# in bf16, plain, FSDP and FSDP with the teacher offloaded to CPU (torchrun, 1 process, NCCL). Outputs go to $OUT (default /tmp/alambic-gpu).
 #
 #   PYTHONPATH=$PWD/src bash benchmarks/gpu_checks.sh
 set -uo pipefail
@@ -29,5 +29,8 @@ TINY=/tmp/alambic-tiny
   timeout 120 torchrun --standalone --nproc_per_node 1 -m alambic.cli distill /tmp/tiny_kd_gpu.yaml \
       train.cpu=false train.mixed_precision=bf16 train.strategy=fsdp train.max_steps=30 \
       train.output_dir=/tmp/gpu_fsdp && echo "fsdp cuda bf16 (torchrun, 1 process): exit 0" &&
-  tail -n 2 /tmp/gpu_plain/metrics.jsonl /tmp/gpu_fsdp/metrics.jsonl
+  timeout 120 torchrun --standalone --nproc_per_node 1 -m alambic.cli distill /tmp/tiny_kd_gpu.yaml \
+      train.cpu=false train.mixed_precision=bf16 train.strategy=fsdp train.fsdp.teacher_offload=true \
+      train.max_steps=30 train.output_dir=/tmp/gpu_fsdp_offload && echo "fsdp + teacher_offload: exit 0" &&
+  tail -n 2 /tmp/gpu_plain/metrics.jsonl /tmp/gpu_fsdp/metrics.jsonl /tmp/gpu_fsdp_offload/metrics.jsonl
 } 2>&1 | tee "$OUT/distill_gpu.txt"

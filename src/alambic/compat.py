@@ -129,6 +129,10 @@ FEATURES: dict[str, Feature] = {
     "vllm": Feature("rollout.engine 'vllm'", lambda c: c.rollout.engine == "vllm"),
     # how the run spreads over processes (training/distributed.py, docs/scale.md)
     "fsdp": Feature("train.strategy 'fsdp'", lambda c: c.train.strategy == "fsdp"),
+    "ddp": Feature("train.strategy 'ddp'", lambda c: c.train.strategy == "ddp"),
+    "teacher_offload": Feature("train.fsdp.teacher_offload", lambda c: c.train.fsdp.teacher_offload),
+    "unsharded_teacher": Feature("train.fsdp.shard_teacher false", lambda c: not c.train.fsdp.shard_teacher),
+    "cpu_run": Feature("train.cpu", lambda c: c.train.cpu),
     "fp16": Feature("train.mixed_precision 'fp16'", lambda c: c.train.mixed_precision == "fp16"),
     "interchange": Feature("interchange", lambda c: c.interchange is not None),
     "quantization": Feature("quantization", lambda c: c.quantization is not None),
@@ -269,6 +273,13 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
     Incompatible("fsdp", "quantization", "fake-quantized weights are not tested on sharded parameters", _FSDP_FIX),
     Incompatible("fsdp", "fp16", "fp16 needs a gradient scaler, which the FSDP path does not use",
                  "use train.mixed_precision: bf16 (or no)"),
+    # teacher_offload moves the FSDP-sharded teacher's shards to CPU memory: refused where it would do nothing
+    Incompatible("teacher_offload", "ddp", "only a teacher sharded by FSDP is offloaded; under DDP every process "
+                 "holds the whole teacher on its device", "set train.strategy: fsdp, or remove train.fsdp.teacher_offload"),
+    Incompatible("teacher_offload", "unsharded_teacher", "only the sharded teacher is offloaded",
+                 "set train.fsdp.shard_teacher: true, or remove train.fsdp.teacher_offload"),
+    Incompatible("teacher_offload", "cpu_run", "on a CPU run the teacher's shards are in CPU memory already: "
+                 "there is nothing to offload", "remove train.fsdp.teacher_offload (it is for GPU runs)"),
     # interchange interventions: one live teacher run again with swapped activations
     Incompatible("interchange", "classification", "it trains next-token distributions under interventions",
                  "remove interchange, or set task: causal_lm"),
