@@ -66,7 +66,53 @@ def run_distillation(
         return _run_distillation(config, overwrite, resume, print_config)
 
 
+@dataclass
+class _Run:
+    """What every step of a run uses: built once by `_start_run`."""
+
+    config: DistillConfig
+    run_dir: Path
+    accelerator: Accelerator
+    strategy: object  # DDPStrategy | FSDPStrategy (training/distributed.py)
+    setup: object  # ModelSetup (training/setup.py)
+    teacher: object
+    train_data: object
+    eval_data: object
+    student: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start_step: int
+    plan: BatchPlan
+    guard: NonFiniteGuard
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, print_config: bool) -> RunResult:
+    run = _start_run(config, overwrite, resume, print_config)
+    progress = TrainingProgress(config.train.max_steps, run.start_step, enabled=config.train.progress and run.is_main,
+                                task=config.task)
+    last_eval: dict = {}
+    run.student.train()
+    for step in range(run.start_step + 1, config.train.max_steps + 1):
+        started = time.perf_counter()
+        record = _train_step(run, step, started)
+        if record is None:  # a non-finite step was skipped (NonFiniteGuard)
+            continue
+        if _due(step, config.train.eval_every, config.train.max_steps) and run.eval_data is not None:
+            last_eval = _evaluate(run)
+            record.update(last_eval)
+        _log_step(run, step, record, progress)
+    progress.close()
+    if not last_eval and run.eval_data is not None:  # resumed with no step left: the export still gets its metrics
+        last_eval = _evaluate(run)
+    return _finish_run(run, last_eval)
+
+
+def _start_run(config: DistillConfig, overwrite: bool, resume: bool, print_config: bool) -> _Run:
+    """Checks, models, data, the run folder and the resumed state, in that order."""
     run_dir = Path(config.train.output_dir)
     # Check everything that can fail on bad input before writing anything.
     check_compatible(config)
@@ -81,9 +127,8 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
 
     # Models and data: the student is what trains; the teacher source is what it learns from.
     setup = build_models(config, strategy.build_device)
-    student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
-    train_data, eval_data = build_datasets(config.data, tokenizer, config.task, config.train.seed)
-    check_class_labels(config, student, train_data, eval_data)  # before anything is written (preflight.py)
+    train_data, eval_data = build_datasets(config.data, setup.tokenizer, config.task, config.train.seed)
+    check_class_labels(config, setup.student, train_data, eval_data)  # before anything is written (preflight.py)
     teacher = setup.bind_teacher(train_data)
     train_data = drop_unlabelled_without_teacher(train_data, teacher, print if is_main else (lambda _: None))
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main rank writes it
@@ -102,85 +147,92 @@ def _run_distillation(config: DistillConfig, overwrite: bool, resume: bool, prin
     _truncate_history(run_dir / "metrics.jsonl", start_step, is_main)
     if config.train.trackers:
         accelerator.init_trackers("alambic", config=_flat(config.model_dump(mode="json")))
-
-    plan = BatchPlan(len(train_data), config.train.batch_size, accelerator.num_processes, config.train.grad_accum, config.train.seed)
-    progress = TrainingProgress(config.train.max_steps, start_step, enabled=config.train.progress and is_main,
-                                task=config.task)
-    pad_id = tokenizer.pad_token_id
-    last_eval: dict = {}
+    plan = BatchPlan(len(train_data), config.train.batch_size, accelerator.num_processes, config.train.grad_accum,
+                     config.train.seed)
     guard = NonFiniteGuard(config.train.nonfinite_skips, run_dir, accelerator)
-    student.train()
-    for step in range(start_step + 1, config.train.max_steps + 1):
-        started = time.perf_counter()
-        # Rollouts (on-policy sampling, teacher samples) may replace completions, so the
-        # loss tokens of the step are counted on the final batches, over all ranks.
-        batches = [
-            setup.rollout(_load_batch(train_data, plan.rank_slice(g, accelerator.process_index), pad_id, accelerator.device), step)
-            for g in plan.step_indices(step - 1)
-        ]
-        if hasattr(teacher, "prefetch"):  # a served teacher: requests for this and the next micro-batches go out now
-            teacher.prefetch(batches, lambda s: [plan.rank_slice(g, accelerator.process_index) for g in plan.step_indices(s - 1)], step)
-        step_loss_tokens = _count_across_ranks(accelerator, sum(loss_positions(b, config.task) for b in batches))
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-        input_tokens = 0
-        for micro, batch in enumerate(batches):
-            input_tokens += int(batch["attention_mask"].sum())
-            last_micro = micro == len(batches) - 1
-            with strategy.micro_step(student, last_micro):
-                sums = loss_sums(student, batch, teacher, config.loss, config.task, setup.extra_terms)
-                # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
-                scaled = sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1)
-                strategy.backward(scaled)
-            for name, value in sums.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach())
-        grad_norm = None
-        if config.train.max_grad_norm is not None:
-            grad_norm = strategy.clip_grad_norm(student, config.train.max_grad_norm)
-        if not guard.step_ok(step, totals["loss"], grad_norm, student):  # NaN/inf: skip, or stop (exit 3)
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for hook in setup.after_step:  # e.g. an EMA teacher follows the student
-            hook(strategy.unwrap(student), step)
+    return _Run(config, run_dir, accelerator, strategy, setup, teacher, train_data, eval_data, student, optimizer,
+                scheduler, start_step, plan, guard)
 
-        record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, scheduler, grad_norm)
-        if teacher is None and not totals["kd"]:  # supervised: there is no KD term to log
-            record.pop("kd")
-        if _due(step, config.train.eval_every, config.train.max_steps) and eval_data is not None:
-            last_eval = evaluate(
-                strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,
-                config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
-            )
-            record.update(last_eval)
-        if is_main and (step % config.train.log_every == 0 or "eval_ce" in record):
-            _append_jsonl(run_dir / "metrics.jsonl", record)
-        if config.train.trackers:
-            accelerator.log(record, step=step)
-        progress.update(step, record)
-        if _DEBUG_STEP_SLEEP:  # lets kill/resume tests stop a run between steps reliably
-            time.sleep(_DEBUG_STEP_SLEEP)
-        if config.train.save_every and step % config.train.save_every == 0:
-            strategy.save_checkpoint(run_dir, step, student, optimizer, scheduler, {"loss": record["loss"]}, config.train.keep_last)
-    progress.close()
 
-    if not last_eval and eval_data is not None:  # resumed with no step left: the export still gets its metrics
-        last_eval = evaluate(
-            strategy.unwrap(student), teacher if setup.teacher_evaluable else None, eval_data,
-            config.task, pad_id, config.train.batch_size, accelerator.device, config.train.eval_batches,
-        )
+def _train_step(run: _Run, step: int, started: float) -> dict | None:
+    """One optimiser step over every micro-batch; its metrics record, or None when it was skipped."""
+    config, accelerator, strategy, student = run.config, run.accelerator, run.strategy, run.student
+    rank = accelerator.process_index
+    pad_id = run.setup.tokenizer.pad_token_id
+    # Rollouts (on-policy sampling, teacher samples) may replace completions, so the
+    # loss tokens of the step are counted on the final batches, over all ranks.
+    batches = [
+        run.setup.rollout(_load_batch(run.train_data, run.plan.rank_slice(g, rank), pad_id, accelerator.device), step)
+        for g in run.plan.step_indices(step - 1)
+    ]
+    if hasattr(run.teacher, "prefetch"):  # a served teacher: requests for this and the next micro-batches go out now
+        run.teacher.prefetch(batches, lambda s: [run.plan.rank_slice(g, rank) for g in run.plan.step_indices(s - 1)], step)
+    step_loss_tokens = _count_across_ranks(accelerator, sum(loss_positions(b, config.task) for b in batches))
+    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+    input_tokens = 0
+    for micro, batch in enumerate(batches):
+        input_tokens += int(batch["attention_mask"].sum())
+        with strategy.micro_step(student, micro == len(batches) - 1):
+            sums = loss_sums(student, batch, run.teacher, config.loss, config.task, run.setup.extra_terms)
+            # Divide by the loss tokens of the whole step on all ranks; DDP averages over ranks.
+            strategy.backward(sums["loss"] * accelerator.num_processes / max(step_loss_tokens, 1))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach())
+    grad_norm = None
+    if config.train.max_grad_norm is not None:
+        grad_norm = strategy.clip_grad_norm(student, config.train.max_grad_norm)
+    if not run.guard.step_ok(step, totals["loss"], grad_norm, student):  # NaN/inf: skip, or stop (exit 3)
+        run.optimizer.zero_grad(set_to_none=True)
+        return None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    for hook in run.setup.after_step:  # e.g. an EMA teacher follows the student
+        hook(strategy.unwrap(student), step)
+    record = _step_record(accelerator, step, totals, step_loss_tokens, input_tokens, started, run.scheduler, grad_norm)
+    if run.teacher is None and not totals["kd"]:  # supervised: there is no KD term to log
+        record.pop("kd")
+    return record
+
+
+def _evaluate(run: _Run) -> dict:
+    config = run.config
+    return evaluate(
+        run.strategy.unwrap(run.student), run.teacher if run.setup.teacher_evaluable else None, run.eval_data,
+        config.task, run.setup.tokenizer.pad_token_id, config.train.batch_size, run.accelerator.device,
+        config.train.eval_batches,
+    )
+
+
+def _log_step(run: _Run, step: int, record: dict, progress: TrainingProgress) -> None:
+    """metrics.jsonl, trackers, the progress line, and a checkpoint when one is due."""
+    train = run.config.train
+    if run.is_main and (step % train.log_every == 0 or "eval_ce" in record):
+        _append_jsonl(run.run_dir / "metrics.jsonl", record)
+    if train.trackers:
+        run.accelerator.log(record, step=step)
+    progress.update(step, record)
+    if _DEBUG_STEP_SLEEP:  # lets kill/resume tests stop a run between steps reliably
+        time.sleep(_DEBUG_STEP_SLEEP)
+    if train.save_every and step % train.save_every == 0:
+        run.strategy.save_checkpoint(run.run_dir, step, run.student, run.optimizer, run.scheduler,
+                                     {"loss": record["loss"]}, train.keep_last)
+
+
+def _finish_run(run: _Run, last_eval: dict) -> RunResult:
+    """Export `final/` (one folder, written once), run the after-train hooks, close the process group."""
+    accelerator, strategy = run.accelerator, run.strategy
     accelerator.wait_for_everyone()
-    history = _read_history(run_dir / "metrics.jsonl")
-    strategy.export(student, tokenizer, run_dir, last_eval, setup.teacher_name)
-    if is_main:
-        for hook in setup.after_train:  # e.g. co-distillation saves its peers
-            hook(strategy.unwrap(student), run_dir)
+    history = _read_history(run.run_dir / "metrics.jsonl")
+    strategy.export(run.student, run.setup.tokenizer, run.run_dir, last_eval, run.setup.teacher_name)
+    if run.is_main:
+        for hook in run.setup.after_train:  # e.g. co-distillation saves its peers
+            hook(strategy.unwrap(run.student), run.run_dir)
     accelerator.wait_for_everyone()
-    if config.train.trackers:
+    if run.config.train.trackers:
         accelerator.end_training()
     strategy.close()
-    return RunResult(run_dir, last_eval, history, strategy.unwrap(student))
+    return RunResult(run.run_dir, last_eval, history, strategy.unwrap(run.student))
 
 
 def _load_batch(dataset, indices: list[int], pad_id: int, device) -> dict:
