@@ -167,20 +167,6 @@ def evaluate_models(config, paths: dict, teacher: Path, students: dict[str, Path
 
 def measure_speed(specs, texts: list[str], config) -> tuple[dict, list[str]]:
     """Throughput at batch 32 and latency at batch 1 of every model, interleaved over `speed_rounds` rounds."""
-    import statistics
+    from alambic.evaluate.suite import classifier_speeds
 
-    from alambic.evaluate.speed import (
-        classifier_batch_runner,
-        interleaved_seconds,
-        interleaved_throughput,
-        spread_warnings,
-    )
-    from alambic.evaluate.suite import load_for_eval
-
-    loaded = {spec.name: load_for_eval(spec, "sequence_classification") for spec in specs}
-    batch = {name: classifier_batch_runner(m, t, texts, config.max_length, 32) for name, (m, t) in loaded.items()}
-    single = {name: classifier_batch_runner(m, t, texts[:1], config.max_length, 1) for name, (m, t) in loaded.items()}
-    measured = interleaved_throughput(batch, 32, rounds=config.speed_rounds)
-    for name, seconds in interleaved_seconds(single, rounds=config.speed_rounds).items():
-        measured[name]["latency_ms"] = 1000 * statistics.median(seconds)
-    return measured, spread_warnings(measured)
+    return classifier_speeds(specs, texts, config.max_length, config.speed_rounds)

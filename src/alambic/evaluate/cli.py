@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
         atomic_write_text(plan.output_dir / "metrics.json", json.dumps(report, indent=2))
         path = write_report([plan.output_dir])
         _print_models(report)
+        for warning in report.get("speed_warnings") or []:
+            typer.echo(f"warning: {warning}", err=True)
         for line in describe_gaps(report):
             typer.echo(line)
         typer.echo(f"metrics: {plan.output_dir / 'metrics.json'}\nreport: {path}")

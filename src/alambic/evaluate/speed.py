@@ -105,37 +105,6 @@ def fastest_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) ->
     return min(times)
 
 
-def classifier_speed(
-    model: torch.nn.Module,
-    tokenizer,
-    texts: list[str],
-    max_length: int,
-    batch_size: int = 32,
-    latency_examples: int = 16,
-    throughput_batches: int = 5,
-) -> dict[str, float]:
-    """Latency per example at batch 1 (ms), throughput at `batch_size` (examples/s), peak memory (MB).
-
-    Latency is the median over different examples (their lengths differ) of each one's fastest of 3 runs.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-
-    def encode(chunk: list[str]):
-        return tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-
-    singles = [encode([text]) for text in texts[:latency_examples]]
-    latencies = [fastest_seconds(lambda enc=encoded: model(**enc), repeats=3, warmup=0) for encoded in singles]
-    batch = encode((texts * (batch_size // max(len(texts), 1) + 1))[:batch_size])
-    per_batch = fastest_seconds(lambda: model(**batch), repeats=throughput_batches)
-    peak = peak_inference_memory_bytes(model, lambda: model(**batch))
-    return {
-        "latency_ms": 1000.0 * statistics.median(latencies),
-        "throughput_per_s": batch_size / per_batch,
-        "peak_memory_mb": peak / 2**20,
-    }
-
-
 def generation_speed(
     model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int, new_tokens: int = 32, repeats: int = 3
 ) -> dict[str, float]:

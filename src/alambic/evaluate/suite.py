@@ -19,11 +19,14 @@ from alambic.errors import DataError
 from alambic.evaluate import metrics as m
 from alambic.evaluate.predict import causal_lm_scores, classifier_logits, lm_windows
 from alambic.evaluate.speed import (
-    classifier_speed,
+    classifier_batch_runner,
     count_parameters,
     disk_size_bytes,
     generation_speed,
+    interleaved_seconds,
+    interleaved_throughput,
     peak_inference_memory_bytes,
+    spread_warnings,
 )
 from alambic.models import load_model, load_tokenizer
 
@@ -82,9 +85,14 @@ def _ordered(specs: list[ModelSpec]) -> list[ModelSpec]:
 
 def evaluate_classifiers(
     specs: list[ModelSpec], rows: list[dict], max_length: int, class_names: list[str] | None = None,
-    measure_speed: bool = True, show_progress: bool = True, latency_examples: int = 16,
+    measure_speed: bool = True, show_progress: bool = True, speed_rounds: int = 9,
 ) -> dict:
-    """Accuracy, macro-F1, agreement with the teacher, ECE, speed and size for each model on `rows`."""
+    """Accuracy, macro-F1, agreement with the teacher, ECE, speed and size for each model on `rows`.
+
+    Quality is measured one model at a time; speed afterwards, every model loaded
+    and timed in interleaved rounds (`classifier_speeds`), so identical models
+    measure alike whatever the machine's load did meanwhile.
+    """
     if not rows:
         raise DataError("the evaluation set is empty", "give a file with at least one {text, label} record")
     texts = [str(r["text"]) for r in rows]
@@ -106,16 +114,33 @@ def evaluate_classifiers(
             "ece": m.expected_calibration_error(logits.softmax(-1), labels),
             **_size_metrics(model, spec.path),
         }
-        if measure_speed:
-            values.update(classifier_speed(model, tokenizer, texts, max_length, latency_examples=latency_examples,
-                                           throughput_batches=5 if latency_examples >= 8 else 1))
+        if measure_speed:  # tensor bytes of one batch-32 forward: deterministic, so measured here, model by model
+            forward = classifier_batch_runner(model, tokenizer, texts, max_length, 32)
+            values["peak_memory_mb"] = peak_inference_memory_bytes(model, forward) / 2**20
         num_classes = logits.shape[-1]
         report["confusion"][spec.name] = m.confusion_matrix(predictions, labels, num_classes)
         report["models"][spec.name] = {"role": spec.role, "path": str(spec.path), "metrics": values}
         del model
     report["class_names"] = class_names or [str(i) for i in range(num_classes)]
+    if measure_speed:
+        speeds, report["speed_warnings"] = classifier_speeds(specs, texts, max_length, speed_rounds)
+        for name, values in speeds.items():
+            report["models"][name]["metrics"].update(values)
     _add_retention(report, _ordered(specs)[0].name)
     return report
+
+
+def classifier_speeds(specs: list[ModelSpec], texts: list[str], max_length: int, rounds: int = 9):
+    """({name: throughput at batch 32, its spread, latency at batch 1}, warnings), all models interleaved."""
+    import statistics
+
+    loaded = {spec.name: _load(spec, "sequence_classification") for spec in _ordered(specs)}
+    batch = {name: classifier_batch_runner(m_, t, texts, max_length, 32) for name, (m_, t) in loaded.items()}
+    single = {name: classifier_batch_runner(m_, t, texts[:1], max_length, 1) for name, (m_, t) in loaded.items()}
+    measured = interleaved_throughput(batch, 32, rounds=rounds)
+    for name, seconds in interleaved_seconds(single, rounds=rounds).items():
+        measured[name]["latency_ms"] = 1000 * statistics.median(seconds)
+    return measured, spread_warnings(measured)
 
 
 def _lm_speed(model, tokenizer, texts: list[str], windows, new_tokens: int) -> dict:
