@@ -81,7 +81,7 @@ def main() -> None:
     teacher_bpb = metrics["teacher"]["bits_per_byte"]
     dump(Path(args.out) / "interchange.json", {"rows": rows, "teacher_bits_per_byte": teacher_bpb})
     text = "\n".join([
-        "## Interchange-intervention distillation (LM demo)", "",
+        f"## Interchange-intervention distillation, {args.steps} student steps (LM demo)", "",
         f"Command: `OMP_WAIT_POLICY=PASSIVE python benchmarks/interchange.py --steps {args.steps} --write` "
         f"({(time.time() - started) / 60:.0f} min; train_s 0 = a finished run reused).",
         f"Machine: {machine()}.", "",

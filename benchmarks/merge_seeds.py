@@ -50,7 +50,7 @@ def main() -> None:
              f"{metrics[name]['bits_per_byte'] - best:+.4f}, mean single {metrics[name]['bits_per_byte'] - mean:+.4f} "
              "(negative = better)" for name in merged]
     text = "\n".join([
-        "## Merging KD students of 3 seeds (LM demo)", "",
+        f"## Merging KD students of 3 seeds, {args.steps} student steps (LM demo)", "",
         f"Command: `OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_seeds.py --steps {args.steps} --write` "
         f"({(time.time() - started) / 60:.0f} min, finished runs reused).", f"Machine: {machine()}.", "",
         f"Teacher: {metrics['teacher']['bits_per_byte']:.4f} bits/byte. Students: the demo's pruned student, "

@@ -65,7 +65,7 @@ def main() -> None:
     verdict = ("n/a (PTQ lost nothing)" if recovered is None else
                f"{recovered:.0%} of the {lost:.4f} bits/byte lost by PTQ ({'met' if recovered >= 0.5 else 'not met'})")
     text = "\n".join([
-        f"## Quantization-aware distillation, {scheme} (LM demo)", "",
+        f"## Quantization-aware distillation, {scheme}, {args.steps} student steps (LM demo)", "",
         f"Command: `OMP_WAIT_POLICY=PASSIVE python benchmarks/qat.py --steps {args.steps} --bits {args.bits} "
         f"--group-size {args.group_size} --write` ({(time.time() - started) / 60:.0f} min; train_s 0 = a finished "
         "run reused).", f"Machine: {machine()}.", "",

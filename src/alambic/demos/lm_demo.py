@@ -286,6 +286,8 @@ def _print_lm_summary(report: dict, report_path: Path) -> None:
         console.print(f"{name:>11}: {metrics['bits_per_byte']:.4f} bits/byte, perplexity {metrics['perplexity']:.2f}, "
                       f"{metrics['num_parameters']:,} parameters"
                       + (f", {metrics['tokens_per_s_batch1']:.0f} tokens/s at batch 1" if "tokens_per_s_batch1" in metrics else ""))
+    for warning in report.get("speed_warnings") or []:
+        console.print(f"  [yellow]speed warning[/] {warning}")
     for target in report["targets"]:
         console.print(f"  {target['name']}: {target['measured']} (target {target['target']}) "
                       + ("[green]met[/]" if target["met"] else "[red]not met[/]"))

@@ -84,7 +84,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_models(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from alambic.evaluate.console import table_console

@@ -25,8 +25,9 @@ LOWER_IS_BETTER = frozenset(
      "ttft_ms_batch1", "ttft_ms_batch8", "kl_to_teacher"}
 )
 
-# Counts that describe the evaluation, not the model: no retention.
-NOT_COMPARED = frozenset({"eval_tokens", "num_examples"})
+# Counts and measurement spreads that describe the evaluation, not the model: no retention.
+NOT_COMPARED = frozenset({"eval_tokens", "num_examples", "throughput_spread", "throughput_rounds", "speed_rounds",
+                          "tokens_per_s_spread_batch1", "tokens_per_s_spread_batch8"})
 
 
 def _as_long_tensor(values: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -93,36 +93,19 @@ def peak_inference_memory_bytes(model: torch.nn.Module, run_forward: Callable[[]
     return weights_bytes(model) + tracker.peak_bytes
 
 
-def fastest_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return min(times)
+def generation_runner(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int, new_tokens: int):
+    """A no-argument callable: greedy generation of exactly `new_tokens` tokens for `batch_size` prompts.
 
-
-def generation_speed(
-    model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int, new_tokens: int = 32, repeats: int = 3
-) -> dict[str, float]:
-    """Time to first token (ms) and decoding speed (generated tokens/s over the batch) with greedy decoding."""
+    The prompts are encoded once, left-padded (a decoder continues from the last real token).
+    """
     model.eval()
     device = next(model.parameters()).device
     chunk = (prompts * (batch_size // max(len(prompts), 1) + 1))[:batch_size]
-    tokenizer.padding_side = "left"  # a decoder continues from the last real token
+    tokenizer.padding_side = "left"
     encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options = dict(do_sample=False, pad_token_id=pad_id, eos_token_id=None)
-
-    def generate(count: int):
-        return model.generate(**encoded, max_new_tokens=count, min_new_tokens=count, **options)
-
-    first_token = fastest_seconds(lambda: generate(1), repeats=repeats)
-    full = fastest_seconds(lambda: generate(new_tokens), repeats=repeats)
-    return {"ttft_ms": 1000.0 * first_token, "tokens_per_s": batch_size * new_tokens / full}
+    return lambda: model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
 
 
 # ----------------------------------------------------------------------------- interleaved throughput
@@ -179,10 +162,11 @@ def interleaved_throughput(runners: dict[str, Callable[[], object]], batch_size:
     return result
 
 
-def spread_warnings(measured: dict[str, dict], limit: float = SPREAD_WARNING) -> list[str]:
-    return [f"{name}: throughput spread {values['throughput_spread']:.0%} over {values['throughput_rounds']} rounds "
+def spread_warnings(measured: dict[str, dict], limit: float = SPREAD_WARNING, spread_key: str = "throughput_spread",
+                    rounds_key: str = "throughput_rounds", what: str = "throughput") -> list[str]:
+    return [f"{name}: {what} spread {values[spread_key]:.0%} over {values[rounds_key]} rounds "
             f"(> {limit:.0%}): the machine's load changed while measuring; treat this speed as approximate"
-            for name, values in measured.items() if values["throughput_spread"] > limit]
+            for name, values in measured.items() if values.get(spread_key, 0.0) > limit]
 
 
 def classifier_batch_runner(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32):

@@ -22,9 +22,10 @@ from alambic.evaluate.speed import (
     classifier_batch_runner,
     count_parameters,
     disk_size_bytes,
-    generation_speed,
+    generation_runner,
     interleaved_seconds,
     interleaved_throughput,
+    median_and_spread,
     peak_inference_memory_bytes,
     spread_warnings,
 )
@@ -143,30 +144,54 @@ def classifier_speeds(specs: list[ModelSpec], texts: list[str], max_length: int,
     return measured, spread_warnings(measured)
 
 
-def _lm_speed(model, tokenizer, texts: list[str], windows, new_tokens: int) -> dict:
+LM_SPEED_BATCHES = (1, 8)
+
+
+def lm_speeds(loaded: dict[str, tuple], texts: list[str], new_tokens: int, rounds: int = 5):
+    """({name: tokens/s and time to first token at batch 1 and 8, tokens/s spread}, warnings), models interleaved.
+
+    The same interleaved rounds as the classifiers' (`interleaved_seconds`): every
+    (model, batch, length) generation is one runner, so identical students measure
+    alike whatever the machine's load does meanwhile. Decoding speed is the tokens
+    of a `new_tokens` generation over its median time; time to first token is the
+    median of a one-token generation.
+    """
     prompts = [t[:200] for t in texts[:8]]
-    values = {}
-    for batch_size in (1, 8):
-        speed = generation_speed(model, tokenizer, prompts, batch_size, new_tokens=new_tokens)
-        values[f"tokens_per_s_batch{batch_size}"] = speed["tokens_per_s"]
-        values[f"ttft_ms_batch{batch_size}"] = speed["ttft_ms"]
-    device = next(model.parameters()).device
-    batch = torch.tensor([w for w in windows.inputs if len(w) == len(windows.inputs[0])][:8], device=device)
-    values["peak_memory_mb"] = peak_inference_memory_bytes(model, lambda: model(input_ids=batch)) / 2**20
-    return values
+    runners = {(name, batch, length): generation_runner(model, tokenizer, prompts, batch, length)
+               for name, (model, tokenizer) in loaded.items()
+               for batch in LM_SPEED_BATCHES for length in (1, new_tokens)}
+    seconds = interleaved_seconds(runners, rounds=rounds)
+    measured: dict[str, dict] = {name: {"speed_rounds": rounds} for name in loaded}
+    for (name, batch, length), samples in seconds.items():
+        median, spread = median_and_spread(samples)
+        if length == 1:
+            measured[name][f"ttft_ms_batch{batch}"] = 1000.0 * median
+        if length == new_tokens:
+            measured[name][f"tokens_per_s_batch{batch}"] = batch * new_tokens / median
+            measured[name][f"tokens_per_s_spread_batch{batch}"] = spread
+    warnings = [w for batch in LM_SPEED_BATCHES
+                for w in spread_warnings(measured, spread_key=f"tokens_per_s_spread_batch{batch}",
+                                         rounds_key="speed_rounds", what=f"batch-{batch} generation")]
+    return measured, warnings
 
 
 def evaluate_causal_lms(
     specs: list[ModelSpec], texts: list[str], max_length: int, measure_speed: bool = True,
-    new_tokens: int = 32, show_progress: bool = True,
+    new_tokens: int = 32, show_progress: bool = True, speed_rounds: int = 5,
 ) -> dict:
-    """Held-out perplexity, bits per byte, KL to the teacher and top-1 agreement, speed and size."""
+    """Held-out perplexity, bits per byte, KL to the teacher and top-1 agreement, speed and size.
+
+    Quality and peak memory are measured one model at a time; generation speed
+    afterwards, in interleaved rounds over every model (`lm_speeds`), so with
+    speed on every model stays loaded until the end.
+    """
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError("the held-out text is empty", "give a file with at least one non-empty text record")
     ordered = _ordered(specs)
     teacher, teacher_tokenizer = _load(ordered[0], "causal_lm")
     report: dict = {"task": "causal_lm", "num_documents": len(texts), "max_length": max_length, "models": {}}
+    loaded: dict[str, tuple] = {}
     for spec in ordered:
         model, tokenizer = (teacher, teacher_tokenizer) if spec is ordered[0] else _load(spec, "causal_lm")
         windows = lm_windows(tokenizer, texts, max_length)
@@ -182,8 +207,15 @@ def evaluate_causal_lms(
         if model is not teacher and same_vocab:
             values["kl_to_teacher"] = scores["kl"] / scores["tokens"]
             values["top1_agreement"] = scores["top1"] / scores["tokens"]
-        if measure_speed:
-            values.update(_lm_speed(model, tokenizer, texts, windows, new_tokens))
+        if measure_speed:  # tensor bytes of one forward: deterministic, so measured here, model by model
+            batch = torch.tensor([w for w in windows.inputs if len(w) == len(windows.inputs[0])][:8],
+                                 device=next(model.parameters()).device)
+            values["peak_memory_mb"] = peak_inference_memory_bytes(model, lambda: model(input_ids=batch)) / 2**20
+            loaded[spec.name] = (model, tokenizer)
         report["models"][spec.name] = {"role": spec.role, "path": str(spec.path), "metrics": values}
+    if measure_speed:
+        speeds, report["speed_warnings"] = lm_speeds(loaded, texts, new_tokens, speed_rounds)
+        for name, values in speeds.items():
+            report["models"][name]["metrics"].update(values)
     _add_retention(report, ordered[0].name)
     return report
