@@ -75,7 +75,9 @@ class StudentModule(nn.Module):
             extra.pop("use_cache", None)
             outputs = self.model(**inputs, **extra)
         logits = outputs.logits
-        if self.vocab_size is not None and logits.dim() == 3:
+        # Only a padded head is cut: a slice is a view even when it keeps every column, and
+        # FSDP warns about every view a wrapped module returns.
+        if self.vocab_size is not None and logits.dim() == 3 and logits.shape[-1] > self.vocab_size:
             logits = logits[..., : self.vocab_size]
         return {"logits": logits, "hidden_states": outputs.hidden_states, "attentions": outputs.attentions}
 
