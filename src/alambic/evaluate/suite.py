@@ -151,10 +151,12 @@ def lm_speeds(loaded: dict[str, tuple], texts: list[str], new_tokens: int, round
     """({name: tokens/s and time to first token at batch 1 and 8, tokens/s spread}, warnings), models interleaved.
 
     The same interleaved rounds as the classifiers' (`interleaved_seconds`): every
-    (model, batch, length) generation is one runner, so identical students measure
-    alike whatever the machine's load does meanwhile. Decoding speed is the tokens
-    of a `new_tokens` generation over its median time; time to first token is the
-    median of a one-token generation.
+    (model, batch, length) generation is one runner, so a change of machine load
+    falls on every model alike. Decoding speed is the tokens of a `new_tokens`
+    generation over its median time; time to first token is the median of a
+    one-token generation. Tiny models' generation is jittery on a shared CPU
+    (one model's back-to-back calls: 53-85 ms, benchmarks/RESULTS.md): the spread
+    says so, and above 10% a warning does.
     """
     prompts = [t[:200] for t in texts[:8]]
     runners = {(name, batch, length): generation_runner(model, tokenizer, prompts, batch, length)
