@@ -195,7 +195,9 @@ def test_report_renders_saved_metrics_without_recomputing(tmp_path, monkeypatch,
         "task": "sequence_classification", "class_names": ["a", "b"],
         "models": {
             "teacher": {"role": "teacher", "path": "t", "metrics": {"accuracy": 0.9, "latency_ms": 10.0, "disk_mb": 80.0}},
-            "student": {"role": "student", "path": "s", "metrics": {"accuracy": 0.8125, "latency_ms": 2.5, "disk_mb": 20.0},
+            "student": {"role": "student", "path": "s", "metrics": {"accuracy": 0.8125, "latency_ms": 2.5, "disk_mb": 20.0,
+                                                                    "throughput_per_s": 475.31, "throughput_spread": 0.04,
+                                                                    "throughput_rounds": 9},
                         "retention": {"accuracy": 0.8125 / 0.9, "latency_ms": 4.0}},
         },
         "confusion": {"student": [[3, 1], [0, 4]]},
@@ -206,6 +208,8 @@ def test_report_renders_saved_metrics_without_recomputing(tmp_path, monkeypatch,
     html = (tmp_path / "r.html").read_text()
     assert "81.25%" in html and "90.3% of the teacher&#x27;s" in html  # values come from the file, as saved
     assert "4.0x faster" in html and "0.25x the size on disk" in html  # lower is better: ratios a person reads
+    # A speed shows its spread beside it; how it was measured is no row of its own.
+    assert "475.3 ±4%" in html and "throughput_spread" not in html and "throughput_rounds" not in html
     assert html.count("data:image/png;base64,") == 2  # trade-off and confusion; no curves were saved
 
 

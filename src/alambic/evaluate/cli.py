@@ -88,7 +88,7 @@ def _print_models(report: dict) -> None:
 
     from alambic.evaluate.console import table_console
     from alambic.evaluate.ratios import versus_teacher
-    from alambic.evaluate.report import METRIC_LABELS, format_value
+    from alambic.evaluate.report import METRIC_LABELS, metric_cell
 
     teacher = next((e["metrics"] for e in report["models"].values() if e["role"] == "teacher"), {})
 
@@ -102,7 +102,7 @@ def _print_models(report: dict) -> None:
         cells = []
         for name in names:
             entry = report["models"][name]
-            cell = format_value(key, entry["metrics"].get(key))
+            cell = metric_cell(key, entry["metrics"])
             ratio = None if entry["role"] == "teacher" else versus_teacher(key, entry["metrics"].get(key), teacher.get(key))
             cells.append(cell + (f" ({ratio})" if ratio else ""))
         table.add_row(METRIC_LABELS[key][0], *cells)

@@ -29,16 +29,22 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "kl_to_teacher": ("KL(teacher || student) per token, nats", "{:.4f}"),
     "top1_agreement": ("Top-1 agreement with teacher", "{:.2%}"),
     "latency_ms": ("Latency per example, batch 1 (ms)", "{:.2f}"),
-    "throughput_per_s": ("Throughput, batch 32 (examples/s)", "{:.1f}"),
-    "tokens_per_s_batch1": ("Generation, batch 1 (tokens/s)", "{:.1f}"),
+    "throughput_per_s": ("Throughput, batch 32 (examples/s, median ±IQR)", "{:.1f}"),
+    "tokens_per_s_batch1": ("Generation, batch 1 (tokens/s, median ±IQR)", "{:.1f}"),
     "ttft_ms_batch1": ("Time to first token, batch 1 (ms)", "{:.1f}"),
-    "tokens_per_s_batch8": ("Generation, batch 8 (tokens/s)", "{:.1f}"),
+    "tokens_per_s_batch8": ("Generation, batch 8 (tokens/s, median ±IQR)", "{:.1f}"),
     "ttft_ms_batch8": ("Time to first token, batch 8 (ms)", "{:.1f}"),
     "num_parameters": ("Parameters", "{:,.0f}"),
     "disk_mb": ("Size on disk (MB)", "{:.1f}"),
     "peak_memory_mb": ("Peak inference memory (MB)", "{:.1f}"),
     "eval_tokens": ("Scored tokens", "{:,.0f}"),
 }
+
+# A speed figure -> its spread (interquartile range over the median of interleaved rounds), shown as "±N%".
+SPREAD_OF = {"throughput_per_s": "throughput_spread", "tokens_per_s_batch1": "tokens_per_s_spread_batch1",
+             "tokens_per_s_batch8": "tokens_per_s_spread_batch8"}
+# Keys that describe how a figure was measured: shown beside it, never as rows of their own.
+MEASUREMENT_KEYS = frozenset(SPREAD_OF.values()) | {"throughput_rounds", "speed_rounds"}
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
@@ -76,11 +82,20 @@ def format_value(key: str, value) -> str:
         return html.escape(str(value))
 
 
+def metric_cell(key: str, metrics: dict) -> str:
+    """The formatted value of `key`, with its measured spread ("475.3 ±4%") where one was saved."""
+    cell = format_value(key, metrics.get(key))
+    spread = metrics.get(SPREAD_OF.get(key, ""))
+    if metrics.get(key) is not None and isinstance(spread, (int, float)):
+        cell += f" ±{spread:.0%}"
+    return cell
+
+
 def metrics_table(run: dict) -> str:
     """Rows are metrics, columns are models; students show retention (vs the teacher) below each value."""
     names = list(run["models"])
     keys = [k for k in METRIC_LABELS if any(k in run["models"][n]["metrics"] for n in names)]
-    keys += sorted({k for n in names for k in run["models"][n]["metrics"]} - set(keys))
+    keys += sorted({k for n in names for k in run["models"][n]["metrics"]} - set(keys) - MEASUREMENT_KEYS)
     header = "".join(f"<th>{html.escape(n)} <span class='ret'>({run['models'][n]['role']})</span></th>" for n in names)
     teacher = next((e["metrics"] for e in run["models"].values() if e["role"] == "teacher"), {})
     rows = []
@@ -88,7 +103,7 @@ def metrics_table(run: dict) -> str:
         cells = []
         for name in names:
             entry = run["models"][name]
-            cell = format_value(key, entry["metrics"].get(key))
+            cell = metric_cell(key, entry["metrics"])
             ratio = None if entry["role"] == "teacher" else versus_teacher(
                 key, entry["metrics"].get(key), teacher.get(key))
             if ratio is not None:
